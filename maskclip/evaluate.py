@@ -1,0 +1,119 @@
+"""Evaluation on features: zero-shot classification, retrieval recall@K, linear probe.
+
+Everything takes plain tensors (or arrays) of features; nothing here runs a data loader.
+
+    clf = zero_shot_classifier(model.encode_text, tok, class_names(), prompt_templates())
+    zero_shot_accuracy(image_features, clf, labels)     # {"top1": ..., "top5": ...}
+    retrieval_recall(image_features, text_features)     # {"image_to_text_R@1": ..., ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class _Encodes(Protocol):
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
+def _tensor(x) -> torch.Tensor:
+    return x.detach().float().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x).float()
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: _Encodes,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """[C, D] class embeddings: the mean of normalised template embeddings, renormalised."""
+    rows = []
+    for name in class_names:
+        tokens = tokenizer.encode([t.format(name) for t in templates])
+        if device is not None:
+            tokens = tokens.to(device)
+        emb = F.normalize(encode_text(tokens).float(), dim=-1).mean(dim=0)
+        rows.append(F.normalize(emb, dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    image_features: torch.Tensor,
+    classifier: torch.Tensor,
+    labels: torch.Tensor,
+    topk: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Top-k accuracy of cosine-similarity classification; k is clipped to the class count."""
+    img = F.normalize(_tensor(image_features), dim=-1)
+    clf = F.normalize(_tensor(classifier).to(img.device), dim=-1)
+    labels = torch.as_tensor(labels).long().cpu()
+    logits = img @ clf.T
+    kmax = min(max(topk), logits.shape[1])
+    hits = logits.topk(kmax, dim=1).indices == labels[:, None]  # [N, kmax]
+    return {f"top{k}": hits[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in topk}
+
+
+def _ranks(sim: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = best) of the diagonal entry in each row; ties count against it."""
+    diag = sim.diagonal()[:, None]
+    return (sim >= diag).sum(dim=1) - 1
+
+
+@torch.no_grad()
+def retrieval_recall(
+    image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@K both ways, with pair i <-> i as the ground truth; k is clipped to N."""
+    img = F.normalize(_tensor(image_features), dim=-1)
+    txt = F.normalize(_tensor(text_features), dim=-1)
+    if img.shape[0] != txt.shape[0]:
+        raise ValueError(f"need paired features, got {img.shape[0]} images, {txt.shape[0]} texts")
+    sim = img @ txt.T
+    n = sim.shape[0]
+    out = {}
+    for name, ranks in (("image_to_text", _ranks(sim)), ("text_to_image", _ranks(sim.T))):
+        for k in ks:
+            out[f"{name}_R@{k}"] = (ranks < min(k, n)).float().mean().item()
+    return out
+
+
+def linear_probe(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> dict[str, float]:
+    """Logistic regression on standardised features; returns test top-1 accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def arr(x) -> np.ndarray:
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    clf.fit(arr(train_features), arr(train_labels))
+    pred = clf.predict(arr(test_features))
+    return {"top1": float((pred == arr(test_labels)).mean())}
+
+
+def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
+    """[num_classes, num_classes] counts; rows are true labels, columns predictions."""
+    p = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.int64)
+    t = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+    if p.shape != t.shape or (
+        p.size and (min(p.min(), t.min()) < 0 or max(p.max(), t.max()) >= num_classes)
+    ):
+        raise ValueError("pred and labels must have one shape and values in [0, num_classes)")
+    flat = np.bincount(t.ravel() * num_classes + p.ravel(), minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)

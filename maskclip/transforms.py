@@ -1,0 +1,120 @@
+"""Image bytes -> RGB PIL image -> normalised float tensor [3, H, W].
+
+img = decode_image(row["jpg"])          # raises ImageDecodeError on bad input
+x = train_transform(224)(img)           # float32 [3, 224, 224], CLIP-normalised
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode, v2
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image we accept (empty, corrupt, truncated, too large)."""
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:  # 16/32-bit grey: scale the 16-bit range down to 8 bits
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode != "F":
+            a = a / 257.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decode JPEG/PNG/WebP bytes to an RGB image; raise ImageDecodeError on anything bad."""
+    if data is None or len(data) == 0:
+        raise ImageDecodeError("empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(bytes(data)))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(f"image too large: {w}x{h} pixels")
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block should not lose the image
+                pass
+            return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"image too large: {_one_line(e)}") from None
+    except Exception as e:  # decoders raise OSError, SyntaxError, struct.error, ...
+        raise ImageDecodeError(f"cannot decode image: {_one_line(e)}") from None
+
+
+def _normalise() -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
+
+
+def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop (scale 0.5-1) + normalise. No flips: captions may say left/right."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(
+                image_size,
+                scale=(0.5, 1.0),
+                interpolation=InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+            *_normalise(),
+        ]
+    )
+
+
+def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side to `image_size`, centre crop, normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            *_normalise(),
+        ]
+    )
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90, max_size: int | None = None) -> bytes:
+    """Encode as JPEG, first shrinking so the longer side is at most `max_size`."""
+    if img.mode not in ("RGB", "L"):
+        img = _to_rgb(img)
+    if max_size is not None and max(img.size) > max_size:
+        w, h = img.size
+        s = max_size / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

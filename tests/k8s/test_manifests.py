@@ -1,0 +1,304 @@
+"""The manifests in k8s/ and the Dockerfile: strict schema validation and house rules.
+
+Schemas: core kinds from kubernetes-validate's bundled ones, KubeRay kinds from the CRDs in
+$MASKCLIP_KUBERAY_SCHEMAS (default ../shared/schemas/kuberay); tests needing them skip otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    from tests.k8s.k8s_validation import (
+        iter_containers,
+        iter_pod_specs,
+        load_manifests,
+        validate_manifest,
+    )
+except ImportError:  # tests/ not importable as a package: pytest put this directory on sys.path
+    from k8s_validation import iter_containers, iter_pod_specs, load_manifests, validate_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+K8S_DIR = REPO / "k8s"
+DOCKERFILE = REPO / "Dockerfile"
+RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+
+MANIFEST_FILES = sorted(p for p in K8S_DIR.glob("*.y*ml") if p.name != "kustomization.yaml")
+DOCS = [(p, i, d) for p in MANIFEST_FILES for i, d in enumerate(load_manifests(p))]
+DOC_IDS = [f"{p.name}#{i}:{d.get('kind')}" for p, i, d in DOCS]
+
+
+def _docs(kind: str) -> list[dict]:
+    return [d for _, _, d in DOCS if d.get("kind") == kind]
+
+
+def _one(kind: str, name: str) -> dict:
+    found = [d for d in _docs(kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name} in k8s/, found {len(found)}"
+    return copy.deepcopy(found[0])
+
+
+def _dockerfile_arg(name: str) -> str:
+    m = re.search(rf"^\s*ARG\s+{name}=(\S+)\s*$", DOCKERFILE.read_text(), re.M)
+    assert m, f"Dockerfile has no 'ARG {name}=...' line"
+    return m.group(1).strip("\"'")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_k8s_dir_has_manifests():
+    kinds = {d["kind"] for _, _, d in DOCS}
+    assert {"Namespace", "ServiceAccount", "Deployment", "Service", "RayCluster"} <= kinds
+
+
+@pytest.mark.parametrize("path,index,doc", DOCS, ids=DOC_IDS)
+def test_manifest_validates(path, index, doc, request):
+    if doc.get("kind") in RAY_KINDS:
+        request.getfixturevalue("kuberay_schemas")
+    errors = validate_manifest(doc)
+    assert errors == [], f"{path.name} doc {index}:\n" + "\n".join(errors)
+
+
+def _set(doc: dict, path: str, value) -> dict:
+    """Return a copy of doc with the dotted path (ints index lists) set to value."""
+    out = copy.deepcopy(doc)
+    node = out
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    return out
+
+
+RAY_BREAKAGES = {
+    "worker replicas wrong type": ("spec.workerGroupSpecs.0.replicas", "two"),
+    "worker group field typo": ("spec.workerGroupSpecs.0.maxReplica", 4),
+    "spec field typo": ("spec.enableInTreeAutoScaling", True),
+    "rayStartParams value not a string": ("spec.headGroupSpec.rayStartParams.num-cpus", 0),
+    "container field typo (pod template)": (
+        "spec.headGroupSpec.template.spec.containers.0.imagePullPolicyy",
+        "Always",
+    ),
+    "pod template metadata typo": (
+        "spec.headGroupSpec.template.metadata.labelz",
+        {"a": "b"},
+    ),
+    "pod spec field typo (pod template)": (
+        "spec.workerGroupSpecs.0.template.spec.tolerationz",
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("path,value", RAY_BREAKAGES.values(), ids=list(RAY_BREAKAGES))
+def test_broken_raycluster_is_rejected(kuberay_schemas, path, value):
+    good = _one("RayCluster", "maskclip")
+    assert validate_manifest(good) == []
+    errors = validate_manifest(_set(good, path, value))
+    assert errors, f"validator accepted a RayCluster with {path}={value!r}"
+
+
+def test_raycluster_missing_max_replicas_is_rejected(kuberay_schemas):
+    bad = _one("RayCluster", "maskclip")
+    del bad["spec"]["workerGroupSpecs"][0]["maxReplicas"]
+    assert any("maxReplicas" in e for e in validate_manifest(bad))
+
+
+CORE_BREAKAGES = {
+    "deployment replicas wrong type": ("Deployment", "mlflow", "spec.replicas", "two"),
+    "container field typo": (
+        "Deployment",
+        "mlflow",
+        "spec.template.spec.containers.0.resouces",
+        {},
+    ),
+    "service port wrong type": ("Service", "mlflow", "spec.ports.0.port", "five-thousand"),
+    "service spec typo": ("Service", "mlflow", "spec.clusterIp", "None"),
+    "service account typo": ("ServiceAccount", "maskclip-runner", "automountToken", True),
+}
+
+
+@pytest.mark.parametrize("kind,name,path,value", CORE_BREAKAGES.values(), ids=list(CORE_BREAKAGES))
+def test_broken_core_manifest_is_rejected(kind, name, path, value):
+    good = _one(kind, name)
+    assert validate_manifest(good) == []
+    assert validate_manifest(_set(good, path, value)), f"accepted {kind} with {path}={value!r}"
+
+
+def test_broken_rayjob_is_rejected(kuberay_schemas):
+    """The RayJob schema is wired too: a RayJob built from our RayCluster validates, typos don't."""
+    cluster = _one("RayCluster", "maskclip")
+    job = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": "maskclip-smoke", "namespace": "maskclip"},
+        "spec": {
+            "entrypoint": "maskclip run jobs/quickstart.yaml",
+            "shutdownAfterJobFinishes": True,
+            "rayClusterSpec": cluster["spec"],
+        },
+    }
+    assert validate_manifest(job) == []
+    assert validate_manifest(_set(job, "spec.shutdownAfterJobFinishes", "yes"))
+    assert validate_manifest(_set(job, "spec.entryPoint", "x"))
+    assert validate_manifest(
+        _set(job, "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0.imag", "x")
+    )
+
+
+# ----------------------------------------------------------------------------- house rules
+
+
+@pytest.mark.parametrize("path,index,doc", DOCS, ids=DOC_IDS)
+def test_every_container_has_requests_and_limits(path, index, doc):
+    for where, container in iter_containers(doc):
+        resources = container.get("resources") or {}
+        for section in ("requests", "limits"):
+            values = resources.get(section) or {}
+            missing = {"cpu", "memory"} - set(values)
+            assert not missing, f"{path.name} {where}: resources.{section} lacks {sorted(missing)}"
+
+
+def test_services_are_cluster_ip():
+    services = _docs("Service")
+    assert services
+    for svc in services:
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
+    for cluster in _docs("RayCluster"):
+        head = cluster["spec"]["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+        assert not cluster["spec"].get("headServiceAnnotations")
+
+
+@pytest.mark.parametrize("path,index,doc", DOCS, ids=DOC_IDS)
+def test_pods_run_as_non_root(path, index, doc):
+    for where, pod in iter_pod_specs(doc):
+        pod_sc = pod.get("securityContext") or {}
+        assert pod_sc.get("runAsNonRoot") is True, f"{path.name} {where}: runAsNonRoot"
+        assert pod_sc.get("runAsUser", 0) != 0, f"{path.name} {where}: runAsUser"
+        assert pod.get("serviceAccountName") == "maskclip-runner", f"{path.name} {where}"
+        for c in (pod.get("initContainers") or []) + pod.get("containers", []):
+            sc = c.get("securityContext") or {}
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
+            assert sc.get("privileged") is not True, f"{where} {c['name']}"
+            assert sc.get("runAsUser", pod_sc.get("runAsUser")) != 0, f"{where} {c['name']}"
+
+
+def test_raycluster_shape():
+    spec = _one("RayCluster", "maskclip")["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (gpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"]) == (0, 0, 4)
+    pod = gpu["template"]["spec"]
+    assert any(
+        t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
+        for t in pod.get("tolerations", [])
+    )
+    (worker,) = pod["containers"]
+    assert str(worker["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    for template in (head["template"], gpu["template"]):
+        for c in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("MLFLOW_TRACKING_URI") == "http://mlflow.maskclip.svc:5000"
+            assert env.get("AWS_REGION")
+
+
+def test_mlflow_takes_its_database_from_a_secret_not_in_the_repo():
+    deploy = _one("Deployment", "mlflow")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"]
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
+    assert "--serve-artifacts" in " ".join(c.get("command", []) + c.get("args", []))
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+    assert not _docs("Secret"), "Secrets must be created out of band, never committed"
+
+
+def test_mlflow_service_matches_tracking_uri():
+    svc = _one("Service", "mlflow")
+    assert svc["metadata"]["namespace"] == "maskclip"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [5000]
+    deploy = _one("Deployment", "mlflow")
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+
+
+def test_namespaced_objects_live_in_maskclip():
+    for path, _, doc in DOCS:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "maskclip", f"{path.name} {doc['kind']}"
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    listed = kustomization.get("resources", [])
+    assert len(listed) == len(set(listed)), "duplicate entries"
+    assert sorted(listed) == sorted(p.name for p in MANIFEST_FILES)
+
+
+# ----------------------------------------------------------------------------- image
+
+
+def test_ray_version_pinned_consistently():
+    pinned = _dockerfile_arg("RAY_VERSION")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pinned), pinned
+    cluster = _one("RayCluster", "maskclip")
+    assert cluster["spec"]["rayVersion"] == pinned
+    try:
+        installed = metadata.version("ray")  # == ray.__version__, without importing Ray
+    except metadata.PackageNotFoundError:
+        pytest.skip("ray is not installed in this environment")
+    assert installed == pinned, f"Dockerfile pins Ray {pinned}, environment has {installed}"
+    assert re.search(r"ray\[[^\]]*\]==\$\{?RAY_VERSION\}?", DOCKERFILE.read_text())
+
+
+def test_dockerfile_runs_as_non_root_user():
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^\s*USER\s+(\S+)", text, re.M)
+    assert users, "Dockerfile never sets USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}, f"final USER is {users[-1]}"
+    assert re.search(r"useradd\b.*--uid 1000\b.*\bmaskclip\b", text)
+    assert re.search(r"^\s*WORKDIR\s+/app\s*$", text, re.M)
+    assert re.search(r"^\s*ENTRYPOINT\s+.*maskclip", text, re.M)
+
+
+SECRET_PATTERNS = [
+    r"AWS_SECRET_ACCESS_KEY\s*[=\s]\s*\S",
+    r"AWS_ACCESS_KEY_ID\s*[=\s]\s*\S",
+    r"AWS_SESSION_TOKEN\s*[=\s]\s*\S",
+    r"AKIA[0-9A-Z]{16}",
+    r"(?i)\w*PASSWORD\w*\s*=\s*\S",
+    r"(?i)\w*TOKEN\w*\s*=\s*\S",
+    r"(?i)\w*SECRET\w*\s*=\s*\S",
+    r"(?i)-----BEGIN [A-Z ]*PRIVATE KEY-----",
+]
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, REPO / ".dockerignore", *MANIFEST_FILES], ids=str)
+def test_no_secrets_in_image_or_manifests(path):
+    text = path.read_text()
+    for pattern in SECRET_PATTERNS:
+        assert not re.search(pattern, text), f"{path.name} matches {pattern}"
+
+
+def test_dockerignore_keeps_local_state_out():
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "data", "runs", "mlruns", ".pytest_cache"} <= ignored

@@ -1,0 +1,126 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from maskclip.evaluate import (
+    confusion_matrix,
+    linear_probe,
+    retrieval_recall,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+
+
+class LookupTokenizer:
+    """Each distinct text gets one id; encode returns [B, 1] ids."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def encode(self, texts):
+        return torch.tensor([[self.ids.setdefault(t, len(self.ids))] for t in texts])
+
+
+def test_zero_shot_classifier_from_lookup_table():
+    tok = LookupTokenizer()
+    vectors = {
+        "a cat.": [2.0, 0.0, 0.0],
+        "the cat!": [0.0, 3.0, 0.0],
+        "a dog.": [0.0, 0.0, 5.0],
+        "the dog!": [0.0, 0.0, 0.5],
+    }
+    tok.encode(list(vectors))  # fix the ids
+    table = torch.tensor(list(vectors.values()))
+    calls = []
+
+    def encode_text(ids):
+        calls.append(torch.is_grad_enabled())
+        return table[ids[:, 0]]
+
+    clf = zero_shot_classifier(encode_text, tok, ["cat", "dog"], ["a {}.", "the {}!"])
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(clf, torch.tensor([[s, s, 0.0], [0.0, 0.0, 1.0]]))
+    assert calls and not any(calls)
+
+
+def test_zero_shot_accuracy_known_ranks():
+    c = 6
+    feats = torch.tensor([5.0, 4, 3, 2, 1, 0]).repeat(c, 1)  # class 0 best, then 1, 2, ...
+    labels = torch.arange(c)
+    out = zero_shot_accuracy(7 * feats, torch.eye(c), labels, topk=(1, 2, 5, 10))
+    assert out == pytest.approx({"top1": 1 / 6, "top2": 2 / 6, "top5": 5 / 6, "top10": 1.0})
+
+
+def test_zero_shot_accuracy_perfect_and_wrong():
+    clf = torch.eye(4)
+    labels = torch.tensor([0, 1, 2, 3])
+    assert zero_shot_accuracy(torch.eye(4), clf, labels)["top1"] == 1.0
+    assert zero_shot_accuracy(torch.eye(4), clf, labels.roll(1))["top1"] == 0.0
+    assert zero_shot_accuracy(torch.eye(4), clf, labels.roll(1))["top5"] == 1.0
+
+
+def test_retrieval_identity():
+    out = retrieval_recall(torch.eye(8), 3 * torch.eye(8), ks=(1, 5, 10))
+    assert set(out) == {
+        f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+    }
+    assert all(v == 1.0 for v in out.values())
+
+
+def test_retrieval_permutation():
+    perm = torch.tensor([0, 1, 2, 3, 4, 5, 7, 6, 9, 8])  # last four swapped in pairs
+    out = retrieval_recall(torch.eye(10), torch.eye(10)[perm], ks=(1, 5, 10))
+    for d in ("image_to_text", "text_to_image"):
+        assert out[f"{d}_R@1"] == pytest.approx(0.6)
+        assert out[f"{d}_R@5"] == pytest.approx(0.6)  # zero-similarity ties count against
+        assert out[f"{d}_R@10"] == 1.0
+
+
+def test_retrieval_shifted_pairs():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(20, 512, generator=g)
+    txt = img.roll(-1, dims=0)  # text i is image i+1: the true pair is never the best match
+    out = retrieval_recall(img, txt, ks=(1, 20))
+    assert out["image_to_text_R@1"] == 0.0 and out["text_to_image_R@1"] == 0.0
+    assert out["image_to_text_R@20"] == 1.0
+
+
+def test_retrieval_asymmetric():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01]])
+    out = retrieval_recall(img, txt, ks=(1, 2))
+    assert out["image_to_text_R@1"] == 1.0
+    assert out["text_to_image_R@1"] == pytest.approx(2 / 3)
+    assert out["text_to_image_R@2"] == 1.0
+
+
+def test_retrieval_needs_pairs():
+    with pytest.raises(ValueError):
+        retrieval_recall(torch.eye(3), torch.eye(4)[:, :3])
+
+
+def test_linear_probe_separable_and_random():
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8) * 10
+    y_train, y_test = rng.integers(0, 3, 150), rng.integers(0, 3, 60)
+    x_train = centres[y_train] + rng.normal(0, 0.5, (150, 8))
+    x_test = centres[y_test] + rng.normal(0, 0.5, (60, 8))
+    out = linear_probe(torch.tensor(x_train), torch.tensor(y_train), x_test, y_test)
+    assert out == {"top1": 1.0}
+    noise = linear_probe(rng.normal(size=(150, 8)), y_train, rng.normal(size=(60, 8)), y_test)
+    assert noise["top1"] < 0.7
+
+
+def test_confusion_matrix():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0])
+    cm = confusion_matrix(pred, labels, 4)
+    expected = np.zeros((4, 4), np.int64)
+    for t, p in zip(labels.tolist(), pred.tolist()):
+        expected[t, p] += 1
+    assert np.array_equal(cm, expected)
+    assert cm.shape == (4, 4) and cm.sum() == 6 and np.trace(cm) == 3
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 4], [0, 1], 4)

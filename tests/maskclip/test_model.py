@@ -1,0 +1,80 @@
+"""Shapes for every registered size, the CLIP switch, and the library's import boundary."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maskclip import MaskCLIPTask, clip_baseline, create_model, get_config, list_models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_size_builds_and_runs(name):
+    cfg = get_config(name)
+    big = cfg.vision.image_size > 64
+    device = torch.device("meta") if big else torch.device("cpu")
+    with device:
+        task = MaskCLIPTask(cfg, special_ids=(0, 1, 2), mask_id=3)
+        batch = 2
+        images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)
+        tokens = torch.randint(4, cfg.text.vocab_size, (batch, cfg.text.context_length))
+    out = task.model(images, tokens)
+    assert out["image_features"].shape == (batch, cfg.embed_dim)
+    assert out["text_features"].shape == (batch, cfg.embed_dim)
+    if not big:
+        loss, report = task.training_forward(images, tokens.cpu())
+        assert torch.isfinite(loss)
+        assert {"loss_contrastive", "loss_image_distill", "loss_text_distill"} <= set(report)
+
+
+def test_vit_b16_is_the_papers_size():
+    cfg = get_config("maskclip_vit_b16")
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.width) == (224, 16, 768)
+    assert (cfg.text.depth, cfg.text.width, cfg.text.heads, cfg.text.context_length) == (
+        12,
+        512,
+        8,
+        77,
+    )
+    assert cfg.embed_dim == 512
+    with torch.device("meta"):
+        model = create_model(cfg)
+    vit_params = sum(p.numel() for p in model.visual.trunk.parameters())
+    assert 85e6 < vit_params < 87e6  # ViT-B/16 trunk
+
+
+def test_overrides_and_unknown_names():
+    cfg = get_config("maskclip_tiny", distill={"mask_ratio": 0.5}, embed_dim=32)
+    assert cfg.distill.mask_ratio == 0.5 and cfg.embed_dim == 32
+    with pytest.raises(KeyError, match="no field"):
+        get_config("maskclip_tiny", distill={"nope": 1})
+    with pytest.raises(KeyError, match="unknown model"):
+        get_config("maskclip_huge_nonexistent")
+
+
+def test_clip_baseline_builds_no_distillation_modules():
+    cfg = clip_baseline(get_config("maskclip_nano"))
+    task = MaskCLIPTask(cfg)
+    assert task.teacher is None
+    assert task.student.image_decoder is None and task.student.text_head is None
+    assert task.student.visual.mask_token is None
+
+
+def test_logit_scale_init_and_clamp():
+    model = create_model("maskclip_nano")
+    assert torch.isclose(model.scale(), torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert torch.isclose(model.scale(), torch.tensor(100.0))
+
+
+def test_library_never_imports_service_dependencies():
+    code = (
+        "import sys, maskclip, maskclip.evaluate, maskclip.tokenizer, maskclip.transforms, "
+        "maskclip.synthetic\n"
+        "bad = [m for m in ('ray', 'mlflow', 'boto3', 'pydantic') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
