@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - known run endings carry their own exit code
+        if type(e).__name__ == "RunStopped":
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

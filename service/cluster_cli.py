@@ -1,0 +1,152 @@
+"""`maskclip submit | status | logs | stop | list | render`: Ray Jobs API and KubeRay commands.
+
+    maskclip submit jobs/s3.yaml --address http://127.0.0.1:8265 [--set k=v] [--wait]
+    maskclip status JOB_ID            maskclip logs JOB_ID --follow
+    maskclip stop JOB_ID              maskclip list
+    maskclip render jobs/s3.yaml --image ghcr.io/maskclip/maskclip-service:0.1.0 > rayjob.yaml
+
+--address defaults to $RAY_ADDRESS, then http://127.0.0.1:8265 (e.g. a `kubectl port-forward`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import cluster
+
+TERMINAL_OK = "SUCCEEDED"
+
+
+def _address_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="URL",
+        help="Ray Jobs API URL (default: $RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
+    p.add_argument(
+        "--allow-insecure-http",
+        dest="allow_insecure",
+        action="store_true",
+        help="allow plain http:// to a non-loopback host (unencrypted)",
+    )
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="job YAML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field, e.g. --set optim.max_steps=200 (repeatable)",
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    job_id = cluster.submit(
+        args.spec,
+        args.overrides,
+        args.address,
+        allow_insecure=args.allow_insecure,
+        wait=args.wait,
+        working_dir=args.working_dir,
+        entrypoint=args.entrypoint,
+    )
+    if args.wait:
+        state = cluster.job_status(job_id, args.address, args.allow_insecure)
+        return 0 if state == TERMINAL_OK else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster.status(args.job_id, args.address, args.allow_insecure)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    cluster.logs(args.job_id, args.address, args.allow_insecure, follow=args.follow)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    state = cluster.stop(args.job_id, args.address, args.allow_insecure)
+    return 0 if state in cluster.TERMINAL else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cluster.list_jobs(args.address, args.allow_insecure)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .k8s import dump_manifests, render_manifests
+    from .spec import load_spec
+
+    spec = cluster.for_cluster(load_spec(args.spec, args.overrides))
+    for warning in cluster.cluster_warnings(spec):
+        print(f"warning: {warning}", file=sys.stderr)
+    options = {}
+    if args.active_deadline is not None:
+        options["active_deadline_seconds"] = args.active_deadline
+    docs = render_manifests(
+        spec,
+        cluster.shipped_yaml(spec),
+        image=args.image,
+        namespace=args.namespace,
+        ttl_seconds_after_finished=args.ttl,
+        backoff_limit=args.backoff_limit,
+        **options,
+    )
+    sys.stdout.write(dump_manifests(docs))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="submit a spec to a Ray cluster (Jobs API)")
+    _overrides(p)
+    _address_args(p)
+    p.add_argument(
+        "--working-dir",
+        default=None,
+        metavar="DIR",
+        help="also ship this repository (dev clusters; runs `python -m service.cli` from it)",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.add_argument("--entrypoint", default=None, help=argparse.SUPPRESS)  # advanced / tests
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="show a submitted job's status")
+    p.add_argument("job_id")
+    _address_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="print a submitted job's logs")
+    p.add_argument("job_id")
+    _address_args(p)
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stop", help="stop a job gracefully (it checkpoints first)")
+    p.add_argument("job_id")
+    _address_args(p)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("list", help="list the jobs submitted to a Ray cluster")
+    _address_args(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("render", help="print a KubeRay RayJob (+ ConfigMap) for a spec")
+    _overrides(p)
+    p.add_argument("--image", default=None, help="container image (default: the project's)")
+    p.add_argument("--namespace", default="maskclip", help="Kubernetes namespace")
+    p.add_argument(
+        "--ttl", type=int, default=3600, help="ttlSecondsAfterFinished (default 3600)"
+    )
+    p.add_argument("--backoff-limit", type=int, default=0, help="RayJob retries (default 0)")
+    p.add_argument(
+        "--active-deadline", type=int, default=None, metavar="SECONDS", help="activeDeadlineSeconds"
+    )
+    p.set_defaults(func=cmd_render)

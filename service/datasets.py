@@ -1,0 +1,916 @@
+"""Write and inspect image-text datasets as Parquet shards in the img2dataset layout.
+
+    synth("data/shapes", rows=5000)                               # generated shapes
+    convert_folder("photos/", "captions.csv", "data/photos")      # folder + CSV/JSONL/.txt captions
+    convert_fashion_mnist("data/fmnist")                          # -> data/fmnist/{train,test}
+    inspect("s3://bucket/data/shapes")                            # rows, columns, labels, bad images
+
+A dataset folder holds `part-00000.parquet`, `part-00001.parquet`, ... (columns `key` string,
+`jpg` binary, `caption` string, optional `label` string and any extra columns), then
+`_manifest.json` and an empty `_SUCCESS` marker written last. Shards are written under a hidden
+temporary name and renamed (local) or uploaded whole (S3), so an interrupted write never leaves a
+half shard that looks finished. Readers (pyarrow.dataset, Ray Data) skip names starting with
+`_` or `.`.
+
+S3: `s3://bucket/prefix`; the endpoint comes from the argument or $AWS_ENDPOINT_URL, credentials
+only from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, service account).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import gzip
+import json
+import math
+import os
+import struct
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+SHARD_PATTERN = "part-{:05d}.parquet"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+REQUIRED_COLUMNS = ("key", "jpg", "caption")
+KNOWN_TYPES = {"key": pa.string(), "jpg": pa.binary(), "caption": pa.string(), "label": pa.string()}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+FASHION_MNIST_TEMPLATES = (
+    "a photo of {a} {c}",
+    "a grey-scale picture of {a} {c}",
+    "{a} {c} on a black background",
+    "product photo: {c}",
+    "a small black and white image of {a} {c}",
+    "a low-resolution photo of the {c}",
+    "a catalogue picture showing {a} {c}",
+    "{c}, centred, on black",
+    "this is {a} {c}",
+    "a fashion item: {c}",
+)
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class _NoRows(UserError):
+    """write_shards got no good row (callers may explain why)."""
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- file systems
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    """-> (scheme, path): ("s3", "bucket/prefix") or ("local", "/abs/path")."""
+    if not uri or not uri.strip():
+        raise UserError("dataset path is empty")
+    if uri.startswith("s3://"):
+        path = uri[len("s3://") :].strip("/")
+        if not path:
+            raise UserError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
+        return "s3", path
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise UserError(f"{uri}: unsupported URI scheme (use a local path or s3://bucket/prefix)")
+    return "local", os.path.abspath(os.path.expanduser(uri))
+
+
+def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict[str, Any] = {"region": region or "us-east-1"}  # never probe EC2 metadata
+    if endpoint_url:
+        scheme, sep, host = endpoint_url.partition("://")
+        if sep:
+            kwargs["scheme"], kwargs["endpoint_override"] = scheme, host.rstrip("/")
+        else:
+            kwargs["endpoint_override"] = endpoint_url.rstrip("/")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def open_fs(
+    uri: str, endpoint_url: str | None = None, region: str | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, base path) for a local path or s3://bucket/prefix; creates nothing."""
+    scheme, path = _split_uri(uri)
+    if scheme == "local":
+        return pafs.LocalFileSystem(), path
+    return _s3_filesystem(endpoint_url, region), path
+
+
+def open_output(
+    uri: str, endpoint_url: str | None = None, region: str | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, base path) to write a dataset to: a local folder (created) or s3://bucket/prefix
+    (the bucket must exist). Raises UserError naming the URI on any problem."""
+    fs, base = open_fs(uri, endpoint_url, region)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            if os.path.isfile(base):
+                raise UserError(f"{uri}: is a file, expected a folder for the dataset")
+            fs.create_dir(base, recursive=True)
+        else:
+            bucket = base.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise UserError(f"s3://{bucket}: bucket not found (create it first)")
+    except OSError as e:
+        raise UserError(f"{uri}: {_one_line(e)}") from None
+    return fs, base
+
+
+def _is_s3(fs: pafs.FileSystem) -> bool:
+    return fs.type_name == "s3"
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` at `path` so that it appears complete or not at all."""
+    if _is_s3(fs):  # one object PUT: never visible half-written
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def _display(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if _is_s3(fs) else path
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _is_dataset_file(name: str) -> bool:
+    return (
+        fnmatch.fnmatch(name, "part-*.parquet")
+        or name in (MANIFEST, SUCCESS)
+        or fnmatch.fnmatch(name, ".part-*.tmp")
+    )
+
+
+def _prepare_dir(fs: pafs.FileSystem, base: str, out: str, overwrite: bool) -> None:
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
+    old = [i for i in infos if i.type == pafs.FileType.File and _is_dataset_file(i.base_name)]
+    if not old:
+        return
+    if not overwrite and any(not i.base_name.startswith(".") for i in old):
+        raise UserError(
+            f"{out}: already holds a dataset (part-*.parquet / _SUCCESS); "
+            "pass --overwrite (overwrite=True) or choose another output"
+        )
+    for i in old:
+        fs.delete_file(i.path)
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="row",
+        file=sys.stderr,
+        disable=not (enabled and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+
+
+def _bad_reason(row: dict) -> str | None:
+    jpg = row.get("jpg")
+    if not isinstance(jpg, (bytes, bytearray, memoryview)) or len(jpg) == 0:
+        return "no image bytes (jpg)"
+    caption = row.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        return "no caption"
+    return None
+
+
+def write_shards(
+    rows: Iterable[dict],
+    out: str,
+    rows_per_shard: int = 1000,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    progress: bool = True,
+    *,
+    total: int | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+) -> dict:
+    """Write `rows` ({key, jpg, caption[, label, ...]}) as Parquet shards under `out`.
+
+    Rows without image bytes or caption are counted as `bad` and skipped; a missing `key` becomes
+    the row's index. Columns are those of the first good row (later extra keys are ignored).
+    Refuses a folder that already holds shards unless `overwrite`. Returns the manifest:
+    {out, rows, shards, bad, columns, labels (or None), source}.
+    """
+    if rows_per_shard < 1:
+        raise UserError(f"rows_per_shard must be at least 1 (got {rows_per_shard})")
+    fs, base = open_output(out, endpoint_url, region)
+    try:
+        _prepare_dir(fs, base, out, overwrite)
+    except OSError as e:
+        raise UserError(f"{out}: {_one_line(e)}") from None
+
+    schema: pa.Schema | None = None
+    buffer: list[dict] = []
+    shards: list[dict] = []
+    labels: Counter = Counter()
+    n_rows = bad = 0
+    extra_warned = False
+
+    def flush() -> None:
+        nonlocal schema
+        if not buffer:
+            return
+        if schema is not None:
+            names = schema.names
+        else:
+            first = list(buffer[0])
+            names = [c for c in REQUIRED_COLUMNS if c in first]
+            names += [c for c in first if c not in REQUIRED_COLUMNS]
+        arrays = []
+        for name in names:
+            values = [r.get(name) for r in buffer]
+            if schema is not None:
+                typ = schema.field(name).type
+            else:
+                typ = KNOWN_TYPES.get(name)
+            try:
+                arrays.append(pa.array(values, type=typ))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise UserError(f"{out}: column {name!r}: {_one_line(e)}") from None
+        table = pa.Table.from_arrays(arrays, names=names)
+        if schema is None:
+            schema = table.schema
+        sink = pa.BufferOutputStream()
+        use_dict = [c for c in ("label",) if c in names] or False
+        pq.write_table(table, sink, use_dictionary=use_dict, compression="snappy")
+        name = SHARD_PATTERN.format(len(shards))
+        try:
+            _put(fs, f"{base}/{name}", sink.getvalue().to_pybytes())
+        except OSError as e:
+            raise UserError(f"{out}/{name}: {_one_line(e)}") from None
+        shards.append({"file": name, "rows": table.num_rows})
+        buffer.clear()
+
+    with _progress(total, f"writing {out}", progress) as bar:
+        for row in rows:
+            if _bad_reason(row) is not None:
+                bad += 1
+                bar.update(1)
+                continue
+            key = row.get("key")
+            row = {**row, "key": f"{n_rows:09d}" if key is None else str(key)}
+            if buffer and not extra_warned and row.keys() - buffer[0].keys():
+                extra_warned = True
+                cols = ", ".join(sorted(row.keys() - buffer[0].keys()))
+                print(
+                    f"warning: {out}: column(s) {cols} not in the first row; ignored",
+                    file=sys.stderr,
+                )
+            if row.get("label") is not None:
+                labels[str(row["label"])] += 1
+            buffer.append(row)
+            n_rows += 1
+            bar.update(1)
+            if len(buffer) >= rows_per_shard:
+                flush()
+        flush()
+
+    if n_rows == 0:
+        raise _NoRows(f"{out}: no rows to write ({bad} bad rows skipped)")
+    assert schema is not None
+    manifest = {
+        "out": out,
+        "rows": n_rows,
+        "shards": len(shards),
+        "bad": bad,
+        "columns": {f.name: str(f.type) for f in schema},
+        "labels": dict(sorted(labels.items())) if "label" in schema.names else None,
+        "files": shards,
+        "source": source,
+    }
+    try:
+        _put(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        _put(fs, f"{base}/{SUCCESS}", b"")
+    except OSError as e:
+        raise UserError(f"{out}: {_one_line(e)}") from None
+    return manifest
+
+
+# ----------------------------------------------------------------------------- synthetic shapes
+
+
+def synth(
+    out: str,
+    rows: int,
+    image_size: int = 32,
+    seed: int = 0,
+    rows_per_shard: int = 1000,
+    *,
+    start: int = 0,
+    val_rows: int = 0,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Generated shapes (maskclip.synthetic), streamed in chunks.
+
+    Row i depends only on (seed, i). With `val_rows`, writes `out/train` (indexes start ..
+    start+rows-1) and `out/val` (the next val_rows indexes: disjoint from train) and returns
+    {"train": stats, "val": stats}; otherwise writes `out` itself and returns its stats.
+    """
+    from maskclip.synthetic import generate
+
+    if rows < 1:
+        raise UserError(f"rows must be at least 1 (got {rows})")
+    if val_rows < 0:
+        raise UserError(f"val_rows must not be negative (got {val_rows})")
+    if image_size < 8:
+        raise UserError(f"image_size must be at least 8 (got {image_size})")
+
+    def stream(first: int, n: int) -> Iterator[dict]:
+        chunk = max(1, min(rows_per_shard, 512))
+        for s in range(first, first + n, chunk):
+            yield from generate(
+                min(chunk, first + n - s), image_size=image_size, seed=seed, start=s
+            )
+
+    def write(dest: str, first: int, n: int) -> dict:
+        return write_shards(
+            stream(first, n),
+            dest,
+            rows_per_shard,
+            endpoint_url,
+            region,
+            progress,
+            total=n,
+            overwrite=overwrite,
+            source=f"synthetic shapes seed={seed} image_size={image_size} start={first}",
+        )
+
+    if not val_rows:
+        return write(out, start, rows)
+    return {
+        "train": write(_join(out, "train"), start, rows),
+        "val": write(_join(out, "val"), start + rows, val_rows),
+    }
+
+
+def _join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name
+
+
+# ----------------------------------------------------------------------------- folder of images
+
+
+class _Warnings:
+    """One stderr line per skipped item, capped; counts every reason."""
+
+    def __init__(self, cap: int = 20):
+        self.cap = cap
+        self.counts: Counter = Counter()
+        self.shown = 0
+
+    def __call__(self, item: str, reason: str, kind: str) -> None:
+        self.counts[kind] += 1
+        if self.shown < self.cap:
+            self.shown += 1
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: {item}: {reason}", file=sys.stderr)
+
+    def finish(self) -> None:
+        hidden = sum(self.counts.values()) - self.shown
+        if hidden > 0:
+            print(f"warning: ... and {hidden} more skipped (not shown)", file=sys.stderr)
+
+
+_FILE_KEYS = ("file", "filename", "file_name", "image", "path", "filepath")
+_CAPTION_KEYS = ("caption", "text")
+_LABEL_KEYS = ("label", "class")
+
+
+def _pick(keys: Iterable[str], wanted: tuple[str, ...]) -> str | None:
+    lower = {k.strip().lower(): k for k in keys if isinstance(k, str)}
+    return next((lower[w] for w in wanted if w in lower), None)
+
+
+def _caption_entries(captions: Path) -> Iterator[tuple[str, str | None, str | None]]:
+    """(file, caption, label) from a CSV/TSV or JSONL/JSON captions file."""
+    if not captions.is_file():
+        raise UserError(f"{captions}: captions file not found")
+    suffix = captions.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(captions, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                header = reader.fieldnames or []
+                fcol, ccol = _pick(header, _FILE_KEYS), _pick(header, _CAPTION_KEYS)
+                lcol = _pick(header, _LABEL_KEYS)
+                if fcol is None or ccol is None:
+                    raise UserError(
+                        f"{captions}: needs a file column (file/filename/image) and a caption "
+                        f"column (caption/text); header has: {', '.join(header) or 'nothing'}"
+                    )
+                for rec in reader:
+                    yield rec.get(fcol) or "", rec.get(ccol), rec.get(lcol) if lcol else None
+            return
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            with open(captions, encoding="utf-8-sig") as f:
+                text_start = f.read(1)
+                f.seek(0)
+                if suffix == ".json" and text_start == "[":
+                    records = enumerate(json.load(f), 1)
+                else:
+                    records = _json_lines(f, captions)
+                for n, rec in records:
+                    if not isinstance(rec, dict):
+                        raise UserError(f"{captions}: record {n} is not a JSON object")
+                    fkey = _pick(rec, _FILE_KEYS)
+                    ckey, lkey = _pick(rec, _CAPTION_KEYS), _pick(rec, _LABEL_KEYS)
+                    if fkey is None:
+                        raise UserError(f"{captions}: record {n} has no file/image field")
+                    yield (
+                        str(rec[fkey]),
+                        rec.get(ckey) if ckey else None,
+                        rec.get(lkey) if lkey else None,
+                    )
+            return
+    except json.JSONDecodeError as e:
+        raise UserError(f"{captions}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{captions}: {_one_line(e)}") from None
+    raise UserError(f"{captions}: unknown captions format (use .csv, .tsv, .jsonl or .json)")
+
+
+def _json_lines(f, path: Path) -> Iterator[tuple[int, Any]]:
+    for n, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: invalid JSON at line {n}: {e.msg}") from None
+
+
+def _sidecar_entries(images_dir: Path) -> Iterator[tuple[str, str | None, str | None]]:
+    for path in sorted(images_dir.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            txt = path.with_suffix(".txt")
+            caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
+            yield path.relative_to(images_dir).as_posix(), caption, None
+
+
+def convert_folder(
+    images_dir: str,
+    captions: str | None,
+    out: str,
+    max_size: int = 256,
+    quality: int = 90,
+    rows_per_shard: int = 1000,
+    *,
+    limit: int | None = None,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_warnings: int = 20,
+) -> dict:
+    """A folder of images + captions -> shards of RGB JPEGs (longer side <= max_size).
+
+    Captions come from a CSV/TSV (columns file/filename/image + caption/text [+ label/class]),
+    JSONL ({"file"|"image", "caption", "label"?}; or a .json list) with paths relative to
+    `images_dir`, or, when `captions` is None, a sidecar `<image>.txt` next to each image.
+    An image listed several times gives one row per caption. Missing/unreadable images and
+    missing captions are skipped with one warning line each (capped at `max_warnings`).
+    Returns write_shards' stats plus `seen` and `skipped` {reason: count}.
+    """
+    from maskclip.transforms import ImageDecodeError, decode_image, encode_jpeg
+
+    root = Path(images_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{images_dir}: images folder not found")
+    if max_size < 8:
+        raise UserError(f"max_size must be at least 8 (got {max_size})")
+    if not 1 <= quality <= 100:
+        raise UserError(f"quality must be between 1 and 100 (got {quality})")
+    if captions:
+        captions_path = Path(captions).expanduser()
+        entries = _caption_entries(captions_path)
+        has_labels = any(lab not in (None, "") for _, _, lab in _caption_entries(captions_path))
+    else:
+        entries, has_labels = _sidecar_entries(root), False
+    warn = _Warnings(max_warnings)
+    seen = 0
+    key_uses: Counter = Counter()
+
+    def rows() -> Iterator[dict]:
+        nonlocal seen
+        made = 0
+        for file, caption, label in entries:
+            if limit is not None and made >= limit:
+                return
+            seen += 1
+            caption = " ".join(str(caption).split()) if caption is not None else ""
+            if not file:
+                warn(f"{captions} entry {seen}", "empty file name", "no file name")
+                continue
+            path = Path(file) if os.path.isabs(file) else root / file
+            if not caption:
+                hint = f" (no {Path(file).with_suffix('.txt').name})" if not captions else ""
+                warn(file, f"no caption{hint}", "no caption")
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                warn(file, f"cannot read: {e.strerror or _one_line(e)}", "missing file")
+                continue
+            try:
+                jpg = encode_jpeg(decode_image(data), quality=quality, max_size=max_size)
+            except (ImageDecodeError, OSError, ValueError) as e:
+                warn(file, _one_line(e), "unreadable image")
+                continue
+            key = Path(file).as_posix() if not os.path.isabs(file) else path.name
+            key_uses[key] += 1
+            if key_uses[key] > 1:
+                key = f"{key}#{key_uses[key] - 1}"
+            row = {"key": key, "jpg": jpg, "caption": caption}
+            if has_labels:
+                row["label"] = str(label).strip() or None if label is not None else None
+            made += 1
+            yield row
+
+    try:
+        stats = write_shards(
+            rows(),
+            out,
+            rows_per_shard,
+            endpoint_url,
+            region,
+            progress,
+            overwrite=overwrite,
+            source=f"folder {images_dir} captions={captions or 'sidecar .txt'}",
+        )
+    except _NoRows:
+        if seen:
+            warn.finish()
+            raise UserError(
+                f"{images_dir}: no usable images ({seen} entries, all skipped: "
+                f"{_format_counts(warn.counts)})"
+            ) from None
+        where = f"listed in {captions}" if captions else "with sidecar .txt captions"
+        raise UserError(f"{images_dir}: no images found {where}") from None
+    warn.finish()
+    stats.update(seen=seen, skipped=dict(warn.counts))
+    return stats
+
+
+def _format_counts(counts: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """An IDX array (optionally .gz); only the first `limit` items are read."""
+    path = Path(path)
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_DTYPES:
+                raise UserError(f"{path}: not an IDX file")
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            dims = struct.unpack(f">{head[3]}I", f.read(4 * head[3]))
+            n = dims[0] if limit is None else min(dims[0], max(0, limit))
+            nbytes = n * math.prod(dims[1:]) * dtype.itemsize
+            data = f.read(nbytes)
+    except (OSError, EOFError, struct.error) as e:
+        raise UserError(f"{path}: cannot read IDX file: {_one_line(e)}") from None
+    if len(data) < nbytes:
+        raise UserError(f"{path}: truncated IDX file")
+    return np.frombuffer(data, dtype=dtype).reshape((n, *dims[1:]))
+
+
+def _find_idx(source: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx")):
+        if (source / name).is_file():
+            return source / name
+    raise UserError(f"fashion-mnist: {source / (stem + '.gz')} not found")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def fashion_mnist_caption(label: int, rng: np.random.Generator) -> str:
+    name = FASHION_MNIST_CLASSES[label]
+    template = FASHION_MNIST_TEMPLATES[rng.integers(len(FASHION_MNIST_TEMPLATES))]
+    return template.format(a=_article(name), c=name)
+
+
+def convert_fashion_mnist(
+    out: str,
+    source_dir: str = FASHION_MNIST_DIR,
+    image_size: int = 32,
+    rows_per_shard: int = 1000,
+    limit: int | None = None,
+    seed: int = 0,
+    *,
+    quality: int = 95,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Fashion-MNIST idx files -> `out/train` (60k) and `out/test` (10k) shards.
+
+    label = class name; caption = a seeded random template over the class name; the 28x28 grey
+    images are resized to image_size and stored as RGB JPEG. `limit` caps each split (the first
+    rows). Returns {"train": stats, "test": stats}.
+    """
+    from PIL import Image
+
+    from maskclip.transforms import encode_jpeg
+
+    source = Path(source_dir)
+    if not source.is_dir():
+        raise UserError(
+            f"fashion-mnist: no data at {source_dir}; "
+            "install it with: apt-get install dataset-fashion-mnist"
+        )
+    if image_size < 8:
+        raise UserError(f"image_size must be at least 8 (got {image_size})")
+    result = {}
+    for split_id, (split, (images_stem, labels_stem)) in enumerate(_FASHION_FILES.items()):
+        images = read_idx(_find_idx(source, images_stem), limit)
+        labels = read_idx(_find_idx(source, labels_stem), limit)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(
+                f"fashion-mnist: {split}: {images.shape} images do not match {labels.shape} labels"
+            )
+
+        def rows(images=images, labels=labels, split=split, split_id=split_id) -> Iterator[dict]:
+            rng = np.random.default_rng([seed, split_id])
+            for i, (a, y) in enumerate(zip(images, labels)):
+                y = int(y)
+                if not 0 <= y < len(FASHION_MNIST_CLASSES):
+                    raise UserError(f"fashion-mnist: {split} row {i}: label {y} out of range")
+                img = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8), mode="L")
+                if image_size != img.width:
+                    img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+                yield {
+                    "key": f"{split}-{i:05d}",
+                    "jpg": encode_jpeg(img.convert("RGB"), quality=quality),
+                    "caption": fashion_mnist_caption(y, rng),
+                    "label": FASHION_MNIST_CLASSES[y],
+                }
+
+        result[split] = write_shards(
+            rows(),
+            _join(out, split),
+            rows_per_shard,
+            endpoint_url,
+            region,
+            progress,
+            total=len(images),
+            overwrite=overwrite,
+            source=f"fashion-mnist {split} ({source_dir}) image_size={image_size} seed={seed}",
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def _list_parquet(fs: pafs.FileSystem, base: str, uri: str) -> tuple[list[str], str]:
+    """Parquet files for a file, a folder/prefix (recursive) or a glob; -> (files, root)."""
+    try:
+        if any(ch in base for ch in "*?["):
+            root = base
+            while any(ch in root for ch in "*?["):
+                root = root.rsplit("/", 1)[0] if "/" in root else ""
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
+            files = [
+                i.path
+                for i in infos
+                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, base)
+            ]
+            return sorted(files), root
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(f"{uri}: no such file or folder")
+        if info.type == pafs.FileType.File:
+            return [base], base.rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as e:
+        raise UserError(f"{uri}: {_one_line(e)}") from None
+    files = []
+    for i in infos:
+        rel = i.path[len(base) :].strip("/")
+        hidden = any(part.startswith((".", "_")) for part in rel.split("/"))
+        if i.type == pafs.FileType.File and rel.endswith(".parquet") and not hidden:
+            files.append(i.path)
+    return sorted(files), base
+
+
+def inspect(
+    uri: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    samples: int = 3,
+    *,
+    check_rows: int = 1000,
+    image_column: str = "jpg",
+    caption_column: str = "caption",
+    label_column: str = "label",
+) -> dict:
+    """Summarise a dataset with bounded memory.
+
+    Returns {uri, rows, shards, columns {name: type}, parts {subfolder: rows}, complete (every
+    folder with shards has _SUCCESS), samples [{key, caption, label}], labels {label: count} or
+    None, missing_columns, checked, bad_images, bad_examples, image_sizes}. `rows` comes from the
+    Parquet footers; images are decoded only for the first `check_rows` rows.
+    """
+    fs, base = open_fs(uri, endpoint_url, region)
+    files, root = _list_parquet(fs, base, uri)
+    if not files:
+        raise UserError(f"{uri}: no Parquet files found")
+
+    rows = 0
+    schema: pa.Schema | None = None
+    mismatched: list[str] = []
+    parts: Counter = Counter()
+    metas: list[tuple[str, pq.ParquetFile]] = []
+    for path in files:
+        try:
+            pf = pq.ParquetFile(fs.open_input_file(path))
+        except (OSError, pa.ArrowInvalid) as e:
+            msg = f"{_display(fs, path)}: not a readable Parquet file: {_one_line(e)}"
+            raise UserError(msg) from None
+        n = pf.metadata.num_rows
+        rows += n
+        s = pf.schema_arrow
+        if schema is None:
+            schema = s
+        elif not s.equals(schema):
+            mismatched.append(_display(fs, path))
+        rel_dir = path[len(root) :].strip("/").rpartition("/")[0]
+        parts[rel_dir or "."] += n
+        metas.append((path, pf))
+    assert schema is not None
+    names = schema.names
+
+    complete = True
+    for rel_dir in parts:
+        d = root if rel_dir == "." else f"{root}/{rel_dir}"
+        try:
+            complete &= fs.get_file_info(f"{d}/{SUCCESS}").type == pafs.FileType.File
+        except OSError:
+            complete = False
+
+    labels: Counter | None = Counter() if label_column in names else None
+    sample_rows: list[dict] = []
+    checked = bad = 0
+    bad_examples: list[str] = []
+    sizes: Counter = Counter()
+    decode = None
+    if image_column in names and check_rows > 0:
+        from maskclip.transforms import ImageDecodeError, decode_image
+
+        decode = decode_image
+    small_cols = [c for c in ("key", caption_column, label_column) if c in names]
+    for path, pf in metas:
+        try:
+            if labels is not None:
+                col = pf.read(columns=[label_column]).column(0)
+                labels.update(v for v in col.to_pylist())
+            if len(sample_rows) < samples and small_cols:
+                for batch in pf.iter_batches(batch_size=max(1, samples), columns=small_cols):
+                    sample_rows.extend(batch.to_pylist()[: samples - len(sample_rows)])
+                    break
+            if decode is not None and checked < check_rows:
+                cols = [image_column] + (["key"] if "key" in names else [])
+                for batch in pf.iter_batches(batch_size=256, columns=cols):
+                    for r in batch.to_pylist():
+                        if checked >= check_rows:
+                            break
+                        checked += 1
+                        try:
+                            img = decode(r[image_column])
+                            sizes[f"{img.width}x{img.height}"] += 1
+                        except ImageDecodeError as e:
+                            bad += 1
+                            if len(bad_examples) < 3:
+                                bad_examples.append(f"{r.get('key', '?')}: {e}")
+                    if checked >= check_rows:
+                        break
+        except (OSError, pa.ArrowInvalid) as e:
+            raise UserError(f"{_display(fs, path)}: {_one_line(e)}") from None
+
+    return {
+        "uri": uri,
+        "rows": rows,
+        "shards": len(files),
+        "columns": {f.name: str(f.type) for f in schema},
+        "missing_columns": [c for c in (image_column, caption_column) if c not in names],
+        "schema_mismatch": mismatched,
+        "parts": dict(sorted(parts.items())),
+        "complete": complete,
+        "samples": sample_rows,
+        "labels": None
+        if labels is None
+        else dict(sorted(labels.items(), key=lambda kv: (-kv[1], str(kv[0])))),
+        "checked": checked,
+        "bad_images": bad,
+        "bad_examples": bad_examples,
+        "image_sizes": dict(sizes.most_common(5)),
+    }
+
+
+def format_inspect(info: dict) -> str:
+    """A readable multi-line summary of inspect()'s result; the last line is `rows: N`."""
+    lines = [
+        f"dataset: {info['uri']}  ({info['shards']} shard{'s' * (info['shards'] != 1)}, "
+        + ("complete" if info["complete"] else "no _SUCCESS marker: incomplete or foreign")
+        + ")"
+    ]
+    lines.append("columns: " + ", ".join(f"{k} ({v})" for k, v in info["columns"].items()))
+    if info["missing_columns"]:
+        lines.append("missing columns: " + ", ".join(info["missing_columns"]))
+    if info["schema_mismatch"]:
+        lines.append(
+            f"schema differs in {len(info['schema_mismatch'])} shard(s), e.g. "
+            + info["schema_mismatch"][0]
+        )
+    if len(info["parts"]) > 1:
+        lines.append("parts: " + ", ".join(f"{k}: {v} rows" for k, v in info["parts"].items()))
+    if info["labels"] is not None:
+        shown = list(info["labels"].items())[:12]
+        more = len(info["labels"]) - len(shown)
+        lines.append(
+            f"labels ({len(info['labels'])}): "
+            + ", ".join(f"{k} {v}" for k, v in shown)
+            + (f", ... {more} more" if more > 0 else "")
+        )
+    if info["samples"]:
+        lines.append("samples:")
+        for s in info["samples"]:
+            label = f"  [{s['label']}]" if s.get("label") is not None else ""
+            lines.append(f"  {s.get('key', '?')}{label}  {s.get('caption', '')}")
+    if info["checked"]:
+        sizes = ", ".join(f"{k} ({v})" for k, v in info["image_sizes"].items())
+        lines.append(
+            f"images: {info['checked']} checked, {info['bad_images']} not decodable"
+            + (f"; sizes {sizes}" if sizes else "")
+        )
+        lines.extend(f"  bad: {b}" for b in info["bad_examples"])
+    lines.append(f"rows: {info['rows']}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "convert_fashion_mnist",
+    "convert_folder",
+    "format_inspect",
+    "inspect",
+    "open_fs",
+    "open_output",
+    "read_idx",
+    "synth",
+    "write_shards",
+]

@@ -1,0 +1,360 @@
+"""Render a job spec as KubeRay manifests: a ConfigMap with the resolved spec + a ``RayJob``.
+
+    docs = render_manifests(spec, spec.to_yaml(), image="ghcr.io/maskclip/maskclip-service:0.1.0")
+    print(dump_manifests(docs))        # kubectl apply -f -
+
+The RayJob brings up its own Ray cluster (head: no training, ``num-cpus: "0"``; one worker group
+sized from ``spec.scaling``), runs ``maskclip run /config/job.yaml`` on it (the spec mounted from
+the ConfigMap), and tears the cluster down when the job ends. Pods run as uid 1000 with a
+read-only root filesystem, under the ``maskclip-runner`` service account (S3 access through
+its cloud identity: no keys anywhere in the manifests).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import re
+from importlib import metadata
+from typing import Any
+
+import yaml
+
+from .cluster import for_cluster, shipped_yaml
+from .spec import JobSpec
+
+DEFAULT_NAMESPACE = "maskclip"
+SERVICE_ACCOUNT = "maskclip-runner"
+IMAGE_REPO = "ghcr.io/maskclip/maskclip-service"
+DEFAULT_TRACKING_URI = "http://mlflow.maskclip.svc:5000"
+CONFIG_DIR = "/config"
+SPEC_FILE = "job.yaml"
+ENTRYPOINT = f"maskclip run {CONFIG_DIR}/{SPEC_FILE}"
+UID = 1000
+HOME = "/home/maskclip"
+STOP_GRACE_S = 120
+
+MAX_NAME = 47
+"""KubeRay refuses RayJob names over 47 characters (it appends 6 to name the RayCluster, whose
+limit is 53) and wants a DNS-1035 label (lowercase letter first)."""
+
+HEAD_RESOURCES = {
+    "requests": {"cpu": "2", "memory": "8Gi"},
+    "limits": {"cpu": "4", "memory": "8Gi"},
+}
+GPU_WORKER = {"cpu": 8, "memory": "28Gi"}
+CPU_WORKER = {"cpu": 4, "memory": "8Gi"}
+SUBMITTER_RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "512Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
+LABELS = {"app.kubernetes.io/part-of": "maskclip-service"}
+
+
+def ray_version() -> str:
+    """The installed Ray (== the Dockerfile's RAY_VERSION; tests/k8s keeps them equal)."""
+    return metadata.version("ray")
+
+
+def project_version() -> str:
+    try:
+        return metadata.version("maskclip-service")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "latest"
+
+
+def default_image() -> str:
+    return f"{IMAGE_REPO}:{project_version()}"
+
+
+def k8s_name(run_name: str, max_len: int = MAX_NAME) -> str:
+    """A DNS-1035 label from a run name: lowercase, ``[a-z0-9-]``, letter first, ≤ max_len.
+    Names that had to be shortened get a hash suffix so distinct runs stay distinct."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower())
+    name = re.sub(r"-{2,}", "-", name).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"maskclip-{name}".rstrip("-")
+    if len(name) > max_len:
+        digest = hashlib.sha256(run_name.encode()).hexdigest()[:6]
+        name = f"{name[: max_len - 7].rstrip('-')}-{digest}"
+    return name
+
+
+def _env(spec: JobSpec) -> list[dict[str, str]]:
+    env = [
+        {
+            "name": "MLFLOW_TRACKING_URI",
+            "value": spec.tracking.tracking_uri or DEFAULT_TRACKING_URI,
+        }
+    ]
+    if spec.storage.endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
+    if spec.storage.region:
+        env.append({"name": "AWS_REGION", "value": spec.storage.region})
+    env.append({"name": "HOME", "value": HOME})
+    return env
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _volumes(config_map: str | None, shm: str | None) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts): writable emptyDirs for a read-only root filesystem."""
+    volumes = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
+        {"name": "ray-tmp", "emptyDir": {"sizeLimit": "16Gi"}},
+        {"name": "home", "emptyDir": {"sizeLimit": "16Gi"}},
+    ]
+    mounts = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "ray-tmp", "mountPath": "/tmp/ray"},
+        {"name": "home", "mountPath": HOME},
+    ]
+    if shm:  # the object store, NCCL and DataLoader workers need more than 64 MiB of /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if config_map:
+        volumes.append({"name": "job-spec", "configMap": {"name": config_map}})
+        mounts.append({"name": "job-spec", "mountPath": CONFIG_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _pod_template(
+    *,
+    component: str,
+    run_label: str,
+    container: dict[str, Any],
+    config_map: str | None,
+    shm: str | None,
+    tolerations: list[dict] | None = None,
+    restart_policy: str | None = None,
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(config_map, shm)
+    container = {
+        **container,
+        "imagePullPolicy": "IfNotPresent",
+        # The root filesystem is read-only: relative paths (run.output_dir "runs") land here.
+        "workingDir": HOME,
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    pod: dict[str, Any] = {
+        "serviceAccountName": SERVICE_ACCOUNT,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if restart_policy:
+        pod["restartPolicy"] = restart_policy
+    return {
+        "metadata": {
+            "labels": {
+                **LABELS,
+                "app.kubernetes.io/name": f"maskclip-{component}",
+                "maskclip.io/run": run_label,
+            }
+        },
+        "spec": pod,
+    }
+
+
+def _worker_resources(spec: JobSpec) -> dict[str, Any]:
+    s = spec.scaling
+    base = GPU_WORKER if s.use_gpu else CPU_WORKER
+    cpu = max(base["cpu"], math.ceil(s.cpus_per_worker))
+    requests: dict[str, str] = {"cpu": str(max(1, cpu - 1)), "memory": base["memory"]}
+    limits: dict[str, str] = {"cpu": str(cpu), "memory": base["memory"]}
+    if s.use_gpu:
+        # Kubernetes GPUs are whole devices: a fractional gpus_per_worker gets ceil() of them.
+        gpus = str(math.ceil(s.gpus_per_worker))
+        requests["nvidia.com/gpu"] = gpus
+        limits["nvidia.com/gpu"] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def config_map_name(spec: JobSpec) -> str:
+    return f"{k8s_name(spec.run.name)}-spec"
+
+
+def render_config_map(
+    spec: JobSpec, spec_yaml: str, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    name = k8s_name(spec.run.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(spec),
+            "namespace": namespace,
+            "labels": {**LABELS, "maskclip.io/run": name},
+        },
+        "data": {SPEC_FILE: spec_yaml},
+    }
+
+
+def render_rayjob(
+    spec: JobSpec,
+    spec_yaml: str,
+    image: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    *,
+    ttl_seconds_after_finished: int = 3600,
+    backoff_limit: int = 0,
+    active_deadline_seconds: int | None = None,
+    shm_size: str = "10Gi",
+) -> dict[str, Any]:
+    """The RayJob for a spec; ``spec_yaml`` is what the ConfigMap ships (its hash is annotated so
+    a changed spec shows up in ``kubectl diff``)."""
+    image = image or default_image()
+    name = k8s_name(spec.run.name)
+    cm = config_map_name(spec)
+    s = spec.scaling
+    env = _env(spec)
+    head = _pod_template(
+        component="ray-head",
+        run_label=name,
+        container={
+            "name": "ray-head",
+            "image": image,
+            "ports": [
+                {"name": "gcs", "containerPort": 6379},
+                {"name": "dashboard", "containerPort": 8265},
+                {"name": "client", "containerPort": 10001},
+            ],
+            "env": [*env, {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)}],
+            "resources": HEAD_RESOURCES,
+        },
+        config_map=cm,
+        shm="3Gi",  # Ray's object store takes 30% of the memory limit
+    )
+    group = "gpu" if s.use_gpu else "cpu"
+    tolerations = (
+        [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        if s.use_gpu
+        else None
+    )
+    worker = _pod_template(
+        component="ray-worker",
+        run_label=name,
+        container={
+            "name": "ray-worker",
+            "image": image,
+            "env": env,
+            "resources": _worker_resources(spec),
+        },
+        config_map=cm,
+        shm=shm_size,
+        tolerations=tolerations,
+    )
+    submitter = _pod_template(
+        component="ray-job-submitter",
+        run_label=name,
+        container={
+            "name": "ray-job-submitter",
+            "image": image,
+            "env": [{"name": "HOME", "value": HOME}],
+            "resources": SUBMITTER_RESOURCES,
+        },
+        config_map=None,
+        shm=None,
+        restart_policy="Never",
+    )
+    job_spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": int(ttl_seconds_after_finished),
+        "backoffLimit": int(backoff_limit),
+        "rayClusterSpec": {
+            "rayVersion": ray_version(),
+            "headGroupSpec": {
+                "serviceType": "ClusterIP",
+                # No training on the head: it runs the GCS, dashboard and the job's driver.
+                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                "template": head,
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": group,
+                    "replicas": s.num_workers,
+                    "minReplicas": s.num_workers,
+                    "maxReplicas": s.num_workers,
+                    "rayStartParams": {},
+                    "template": worker,
+                }
+            ],
+        },
+        "submitterPodTemplate": submitter,
+    }
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = int(active_deadline_seconds)
+    rayjob = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**LABELS, "app.kubernetes.io/name": "maskclip-rayjob", "maskclip.io/run": name},
+            "annotations": {
+                "maskclip.io/run-name": spec.run.name,
+                "maskclip.io/spec-sha256": hashlib.sha256(spec_yaml.encode()).hexdigest(),
+            },
+        },
+        "spec": job_spec,
+    }
+    return copy.deepcopy(rayjob)  # no shared sub-objects (no YAML aliases, safe to edit)
+
+
+def render_manifests(
+    spec: JobSpec,
+    spec_yaml: str | None = None,
+    image: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """[ConfigMap with ``job.yaml``, RayJob] — apply them together. ``spec_yaml`` defaults to the
+    spec as it runs on a cluster (``scaling.ray_address: auto``); ``options`` go to
+    :func:`render_rayjob`."""
+    spec_yaml = shipped_yaml(for_cluster(spec)) if spec_yaml is None else spec_yaml
+    return [
+        render_config_map(spec, spec_yaml, namespace),
+        render_rayjob(spec, spec_yaml, image, namespace, **options),
+    ]
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data else None  # the shipped spec stays readable
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def dump_manifests(docs: list[dict[str, Any]]) -> str:
+    """Multi-document YAML (``---`` between documents)."""
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, explicit_start=True)

@@ -1,0 +1,154 @@
+"""MLflow helpers. The driver creates (or finds) the run; rank 0 logs into it.
+
+MLflow being down never stops training: every call is guarded, the first failure prints one
+warning, metrics are buffered (bounded) and flushed when the server answers again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections import deque
+from typing import Any
+
+RUN_KEY_TAG = "maskclip.run_name"
+_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows alphanumerics, _ - . / and space: `val_image_to_text_R@1` -> `..._R1`."""
+    return _BAD_METRIC_CHARS.sub("", name)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested spec dict -> {"model.mask_ratio": "0.75", ...} so runs compare side by side."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = "" if data is None else str(data)[:500]
+    return out
+
+
+def _client(uri: str):
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, str],
+    tags: dict[str, str],
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+) -> str | None:
+    """Create the run (or reopen `run_id`, or the unfinished run with this name); None if
+    MLflow cannot be reached — training goes on without it."""
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        if run_id is None:
+            found = client.search_runs(
+                [exp_id],
+                filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}' and attributes.status != 'FINISHED'",
+                max_results=1,
+            )
+            run_id = found[0].info.run_id if found else None
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        all_tags = {RUN_KEY_TAG: run_name, "mlflow.runName": run_name, **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        items = list(params.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        return run.info.run_id
+    except Exception as e:  # noqa: BLE001 - tracking must never stop training
+        print(f"warning: MLflow at {uri} unavailable ({type(e).__name__}); training continues "
+              "without tracking", file=sys.stderr)
+        return None
+
+
+class Tracker:
+    """Rank-0 logger into an existing run. All methods are safe to call when MLflow is down."""
+
+    def __init__(self, uri: str | None, run_id: str | None, max_buffer: int = 10000):
+        self.uri, self.run_id = uri, run_id
+        self.enabled = bool(uri and run_id)
+        self._buffer: deque = deque(maxlen=max_buffer)
+        self._warned = False
+        self._client = _client(uri) if self.enabled else None
+
+    def _warn(self, what: str, err: Exception) -> None:
+        if not self._warned:
+            print(f"warning: MLflow {what} failed ({type(err).__name__}: {str(err)[:120]}); "
+                  "metrics are buffered and training continues", file=sys.stderr)
+            self._warned = True
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buffer.extend(Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self._buffer:
+            return
+        pending = list(self._buffer)
+        try:
+            for i in range(0, len(pending), 500):
+                self._client.log_batch(self.run_id, metrics=pending[i : i + 500])
+            self._buffer.clear()
+            self._warned = False
+        except Exception as e:  # noqa: BLE001
+            self._warn("logging", e)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._client.log_artifact(self.run_id, path, artifact_path)
+        except Exception as e:  # noqa: BLE001
+            self._warn("artifact upload", e)
+
+    def log_artifacts(self, directory: str, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._client.log_artifacts(self.run_id, directory, artifact_path)
+        except Exception as e:  # noqa: BLE001
+            self._warn("artifact upload", e)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._client.set_tag(self.run_id, key, value)
+        except Exception as e:  # noqa: BLE001
+            self._warn("tagging", e)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001
+            self._warn("closing the run", e)

@@ -1,0 +1,245 @@
+"""The per-worker training loop (Ray Train). Reads top to bottom:
+
+spec -> model task -> optimiser/schedule -> resume from checkpoint -> DDP -> loop over the
+data shard: forward, finite check, backward, clip, step, EMA, log, checkpoint -> validate.
+
+`config` carries plain data only: the resolved spec (dict), the tokenizer (JSON), the MLflow
+run id and the names of the driver's control actor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from maskclip import MaskCLIPTask
+from maskclip.tokenizer import Tokenizer
+
+from . import checkpoint as ckpt
+from .control import control_actor
+from .spec import JobSpec
+from .tracking import Tracker
+from .validation import patch_similarity_figure, validate
+
+
+def build_optimizer(task: MaskCLIPTask, spec: JobSpec) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings, tokens and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in task.student.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim < 2 or "embed" in name or "token" in name or name == "logit_scale"
+        (no_decay if flat else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": spec.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=spec.optim.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def build_scheduler(optimizer, spec: JobSpec, total_steps: int):
+    """Linear warmup, then cosine to 0 (or constant)."""
+    warmup = spec.optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if spec.optim.schedule == "constant":
+            return 1.0
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    spec = JobSpec.model_validate(config["spec"])
+    tokenizer = Tokenizer.from_json(config["tokenizer"])
+    total_steps: int = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(spec.run.seed * 1000 + rank)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+
+    # --- model, optimiser, schedule
+    cfg = spec.model_config_for(tokenizer.vocab_size)
+    task = MaskCLIPTask(
+        cfg, tokenizer.special_ids, tokenizer.mask_id, pad_id=tokenizer.pad_id
+    ).to(device)
+    optimizer = build_optimizer(task, spec)
+    scheduler = build_scheduler(optimizer, spec, total_steps)
+
+    # --- resume: the latest complete checkpoint of this run, if any
+    step, epoch, run_id = 0, 0, config.get("mlflow_run_id")
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            meta = ckpt.restore(d, task, optimizer, scheduler)
+        step, epoch = meta["step"], meta["epoch"]
+        run_id = run_id or meta.get("mlflow_run_id")
+        # decorrelate the data order / masks of a resumed run from its first life
+        seed_everything(spec.run.seed * 1000 + rank + 7919 * step)
+        if rank == 0:
+            print(f"resumed from checkpoint at step {step}")
+
+    task.model = ray.train.torch.prepare_model(task.student) if world > 1 else task.student
+    tracker = Tracker(config.get("tracking_uri"), run_id) if rank == 0 else Tracker(None, None)
+    control = control_actor(config["control"]) if rank == 0 else None
+    autocast = spec.optim.precision == "bf16" or (
+        spec.optim.precision == "auto" and device.type == "cuda"
+    )
+    gen = torch.Generator().manual_seed(spec.run.seed * 1000 + rank + step)
+    shard = ray.train.get_dataset_shard("train")
+
+    def save_and_report(metrics: dict, final: bool = False) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                ckpt.save(d, task, optimizer, scheduler, step, epoch, config["tokenizer"],
+                          config["spec_yaml"], run_id)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
+
+    # --- the loop
+    task.train()
+    stop_reason = None
+    t_last, samples_since = time.perf_counter(), 0
+    max_epochs = spec.optim.epochs or 10**9
+    report: dict = {}
+    last_images = None
+    while step < total_steps and epoch < max_epochs and stop_reason is None:
+        batches = shard.iter_torch_batches(
+            batch_size=spec.optim.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=spec.data.shuffle_buffer if spec.data.shuffle else None,
+            device=device,
+        )
+        for batch in batches:
+            images, tokens = batch["image"], batch["tokens"]
+            last_images = images[:4]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, report = task.training_forward(images, tokens, gen)
+
+            # every rank must agree on skipping / stopping, or DDP would hang
+            flags = torch.tensor(
+                [0.0 if torch.isfinite(loss) else 1.0, 0.0], device=device
+            )
+            if control is not None and (step % spec.optim.log_every == 0):
+                flags[1] = float(ray.get(control.should_stop.remote()))
+            if world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0] > 0:
+                if spec.optim.on_nonfinite == "stop":
+                    stop_reason = f"non-finite loss at step {step + 1} ({loss.item()})"
+                    break
+                print(f"warning: non-finite loss at step {step + 1}; step skipped")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            if flags[1] > 0:
+                stop_reason = "stop requested"
+                break
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = None
+            if spec.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    task.student.parameters(), spec.optim.grad_clip
+                )
+            optimizer.step()
+            scheduler.step()
+            momentum = task.update_teacher(step + 1, total_steps)
+            step += 1
+            samples_since += images.shape[0] * world
+
+            if rank == 0 and (step % spec.optim.log_every == 0 or step == total_steps):
+                elapsed = time.perf_counter() - t_last
+                metrics = {k: float(v) for k, v in report.items()}
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                metrics["ema_momentum"] = momentum
+                metrics["samples_per_s"] = samples_since / max(elapsed, 1e-9)
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                stats = ray.get(control.data_stats.remote())
+                metrics["data_rows_seen"] = stats["rows_seen"]
+                metrics["data_rows_bad"] = stats["rows_bad"]
+                tracker.log_metrics(metrics, step)
+                eta = (total_steps - step) * elapsed / max(1, spec.optim.log_every)
+                print(
+                    f"step {step}/{total_steps}  loss {metrics['loss']:.4f}  "
+                    f"{metrics['samples_per_s']:.1f} samples/s  ETA {eta:.0f}s",
+                    flush=True,
+                )
+                t_last, samples_since = time.perf_counter(), 0
+                bad = control.check_data.remote(spec.data.max_bad_fraction)
+                if ray.get(bad):
+                    flags_stop = ray.get(control.data_message.remote())
+                    print(f"error: {flags_stop}")
+                    ray.get(control.request_stop.remote("data"))
+
+            if spec.optim.val_every and step % spec.optim.val_every == 0:
+                _validate(spec, task, tokenizer, device, tracker, rank, step)
+            if step % spec.checkpoint.every_steps == 0 and step < total_steps:
+                save_and_report({"loss": float(report["loss"])})
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+
+    # --- the end: final checkpoint, validation, figure
+    final_metrics = {"loss": float(report["loss"]) if report else float("nan")}
+    if stop_reason is None or stop_reason == "stop requested":
+        final_metrics.update(_validate(spec, task, tokenizer, device, tracker, rank, step))
+        if rank == 0 and tracker.enabled:
+            _final_artifacts(task, last_images, tracker, config)
+    final_metrics["stop_reason"] = stop_reason or ""
+    if stop_reason and stop_reason.startswith("non-finite"):
+        # keep the last good checkpoint: report without a new one
+        ray.train.report({**final_metrics, "step": step, "final": True}, checkpoint=None)
+    else:
+        save_and_report(final_metrics, final=True)
+    if rank == 0:
+        tracker.flush()
+
+
+def _validate(spec, task, tokenizer, device, tracker, rank, step) -> dict:
+    if spec.data.val is None or rank != 0:
+        return {}
+    val = ray.train.get_dataset_shard("val")
+    task.eval()
+    metrics = validate(task.student, tokenizer, val, device)
+    task.train()
+    tracker.log_metrics(metrics, step)
+    print("validation " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    return metrics
+
+
+def _final_artifacts(task, images, tracker, config) -> None:
+    """Final model (student weights + tokenizer + spec) and the mask/similarity figure."""
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(task.student.state_dict(), os.path.join(d, "student.pt"))
+        with open(os.path.join(d, "tokenizer.json"), "w") as f:
+            f.write(config["tokenizer"])
+        with open(os.path.join(d, "job.yaml"), "w") as f:
+            f.write(config["spec_yaml"])
+        tracker.log_artifacts(d, "model")
+        if images is not None:
+            fig_path = os.path.join(d, "masks_and_similarity.png")
+            patch_similarity_figure(task, images, fig_path)
+            tracker.log_artifact(fig_path, "figures")

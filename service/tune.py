@@ -1,0 +1,455 @@
+"""`maskclip sweep job.yaml`: a Ray Tune sweep over the spec's `sweep:` section.
+
+Driver: validate the sweep (nothing starts on a bad one), start or join Ray, open the MLflow
+parent run, run a Tuner over `_trial` (or restore it: finished trials are not rerun), then tag the
+trials ASHA stopped, print the trial table, log `trials.csv` + a metric-vs-parameter plot + the
+best trial to the parent run and print `best checkpoint: ...`.
+
+Each trial is one `run_job` (the same code as `maskclip run`) named `<sweep>-<trial id>`: a
+restarted trial resumes its own checkpoints and MLflow run, nested under the parent run.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .spec import JobSpec, apply_overrides
+from .sweep_spec import SweepSection, override, rebuild_spec, validate_sweep
+from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, metric_name, start_run
+
+SWEEP_TAG = "maskclip.sweep"
+EARLY_STOPPED_TAG = "maskclip.early_stopped"
+TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
+
+
+# ---------------------------------------------------------------- the trial (a Ray actor)
+
+
+def _trial(config: dict, base: dict, sweep_name: str, parent_run_id: str | None) -> None:
+    """One trial: the base spec + this trial's sampled values, trained by `run_job`."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from . import trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    data = apply_overrides(copy.deepcopy(base), [override(k, v) for k, v in sorted(config.items())])
+    data["run"]["name"] = f"{sweep_name}-{trial_id}"
+    data["sweep"] = None
+    spec = rebuild_spec(data)
+    if threading.current_thread() is not threading.main_thread():
+        _signal_handlers_main_thread_only(trainer)
+    trainer.run_job(spec, tune_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+
+
+def _signal_handlers_main_thread_only(module) -> None:
+    """Tune runs a function trainable in a thread, where `signal.signal` raises ValueError.
+    Until run_job only installs its SIGTERM/SIGINT handlers in the main thread, give it a
+    `signal` whose `signal()` leaves handlers alone off the main thread (this process is the
+    trial's own actor; stopping a trial is Tune's job)."""
+    import signal as real
+
+    if getattr(module.signal, "_maskclip_shim", False):
+        return
+
+    class _Signal:
+        _maskclip_shim = True
+        SIGTERM, SIGINT = real.SIGTERM, real.SIGINT
+
+        @staticmethod
+        def signal(sig, handler):
+            if threading.current_thread() is threading.main_thread():
+                return real.signal(sig, handler)
+            return real.getsignal(sig)
+
+    module.signal = _Signal
+
+
+# ---------------------------------------------------------------- search space and Tuner
+
+
+def param_space(sweep: SweepSection) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for path, d in sweep.parameters.items():
+        if d.kind == "uniform":
+            space[path] = tune.uniform(*d.uniform)
+        elif d.kind == "loguniform":
+            space[path] = tune.loguniform(*d.loguniform)
+        elif d.kind == "grid" or (d.kind == "choice" and sweep.search == "grid"):
+            space[path] = tune.grid_search(list(d.values_to_check()))
+        else:
+            space[path] = tune.choice(list(d.choice))
+    return space
+
+
+def search_algorithm(sweep: SweepSection, seed: int):
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)
+
+
+def scheduler(sweep: SweepSection, spec: JobSpec):
+    if sweep.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=sweep.asha.max_t or spec.optim.max_steps,
+        grace_period=sweep.asha.grace_period or spec.checkpoint.every_steps,
+        reduction_factor=sweep.asha.reduction_factor,
+        # a trial that reaches max_t is finishing anyway: let run_job close its MLflow run
+        stop_last_trials=False,
+    )
+
+
+def _absolute(spec: JobSpec) -> dict:
+    """The spec as data with local paths made absolute: trials run in other processes."""
+    data = spec.model_dump(mode="json")
+
+    def local(p: str | None) -> str | None:
+        return p if p is None or "://" in p else str(Path(p).resolve())
+
+    data["data"]["train"] = local(spec.data.train)
+    data["data"]["val"] = local(spec.data.val)
+    data["run"]["output_dir"] = local(spec.run.output_dir)
+    data["checkpoint"]["storage_path"] = local(spec.storage_path())
+    if spec.tracking.enabled:
+        data["tracking"]["tracking_uri"] = spec.tracking_uri()
+    data["sweep"] = None
+    return data
+
+
+def check_concurrency(spec: JobSpec, sweep: SweepSection) -> None:
+    """Concurrent trials hold their trial + worker CPUs; Ray Data still needs one task's CPU."""
+    import ray
+
+    if spec.scaling.ray_address:  # an autoscaling cluster may grow: let Ray queue trials
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    s = spec.scaling
+    per_trial = sweep.resources_per_trial.cpu + s.num_workers * s.cpus_per_worker
+    data_cpus = 0.5
+    if sweep.max_concurrent * per_trial + data_cpus > total:
+        raise UserError(
+            f"sweep.max_concurrent: {sweep.max_concurrent} trials x ({sweep.resources_per_trial.cpu:g}"
+            f" trial + {s.num_workers} x {s.cpus_per_worker:g} worker CPU) (+{data_cpus} for data) "
+            f"do not fit the {total:g} CPUs of this Ray cluster; lower sweep.max_concurrent"
+        )
+
+
+# ---------------------------------------------------------------- MLflow parent run
+
+
+def _find_parent(uri: str, experiment: str, name: str) -> str | None:
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        found = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{name}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            return None
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    except Exception:  # noqa: BLE001 - tracking never stops the sweep
+        return None
+
+
+def sweep_params(sweep: SweepSection, spec: JobSpec) -> dict[str, str]:
+    params = {f"space.{p}": d.describe() for p, d in sweep.parameters.items()}
+    params.update({
+        "sweep.search": sweep.search,
+        "sweep.scheduler": sweep.scheduler,
+        "sweep.metric": sweep.metric,
+        "sweep.mode": sweep.resolved_mode,
+        "sweep.num_samples": str(sweep.resolved_num_samples),
+        "sweep.max_concurrent": str(sweep.max_concurrent),
+        "sweep.trial_cpu": str(sweep.resources_per_trial.cpu),
+    })
+    if sweep.scheduler == "asha":
+        params.update({
+            "sweep.asha.time_attr": "step",
+            "sweep.asha.grace_period": str(sweep.asha.grace_period or spec.checkpoint.every_steps),
+            "sweep.asha.reduction_factor": str(sweep.asha.reduction_factor),
+            "sweep.asha.max_t": str(sweep.asha.max_t or spec.optim.max_steps),
+        })
+    base = {k: v for k, v in flatten(spec.model_dump(mode="json")).items()
+            if not k.startswith("sweep") and k not in sweep.parameters}
+    return {**base, **params}
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_name: str
+    status: str  # completed | early_stopped | error
+    params: dict[str, Any]
+    step: int | None
+    value: float
+    loss: float
+    checkpoint: str
+    mlflow_run: str = ""
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def collect(grid, sweep: SweepSection, sweep_name: str, storage_is_s3: bool) -> list[TrialRow]:
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or _trial_id_from_path(result.path)
+        if result.error is not None:
+            status = "error"
+        elif m.get("final"):
+            status = "completed"
+        else:
+            status = "early_stopped"
+        ckpt = m.get("checkpoint_path") or "none"
+        if storage_is_s3 and ckpt != "none":
+            ckpt = "s3://" + ckpt.lstrip("/")
+        params = {p: (result.config or {}).get(p) for p in sweep.parameters}
+        err = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
+        rows.append(TrialRow(trial_id, f"{sweep_name}-{trial_id}", status, params,
+                             m.get("step"), _float(m.get(sweep.metric)), _float(m.get("loss")),
+                             ckpt, error=err))
+    rows.sort(key=lambda r: r.trial_id)
+    return rows
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    found = TRIAL_ID.search(Path(path or "").name)
+    return found.group(1) if found else "unknown"
+
+
+def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    """Best metric among completed trials (their checkpoint is the trained model); else any."""
+    scored = [r for r in rows if math.isfinite(r.value) and r.status != "error"]
+    done = [r for r in scored if r.status == "completed"] or scored
+    if not done:
+        return None
+    return (max if mode == "max" else min)(done, key=lambda r: r.value)
+
+
+def reconcile_runs(uri: str, parent: str, rows: list[TrialRow]) -> None:
+    """Find each trial's MLflow run; tag ASHA-stopped ones and close runs left RUNNING."""
+    try:
+        client = _client(uri)
+        exp_id = client.get_run(parent).info.experiment_id
+        children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                                      max_results=5000)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not read the trial runs from MLflow ({type(e).__name__})",
+              file=sys.stderr)
+        return
+    by_name = {r.data.tags.get(RUN_KEY_TAG): r for r in children}
+    for row in rows:
+        run = by_name.get(row.run_name)
+        if run is None:
+            continue
+        row.mlflow_run = run.info.run_id
+        tracker = Tracker(uri, run.info.run_id)
+        if row.status == "early_stopped":
+            tracker.set_tag(EARLY_STOPPED_TAG, "true")
+            if row.step is not None:
+                tracker.set_tag("maskclip.stopped_at_step", str(row.step))
+        if run.info.status == "RUNNING":  # the trial's process was stopped before run_job ended
+            tracker.end({"completed": "FINISHED", "early_stopped": "KILLED"}.get(row.status,
+                                                                                 "FAILED"))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def table(rows: list[TrialRow], sweep: SweepSection) -> list[list[str]]:
+    header = ["trial", "status", *sweep.parameters, "step", sweep.metric, "loss", "checkpoint",
+              "mlflow_run"]
+    body = [[r.run_name, r.status, *(_fmt(r.params[p]) for p in sweep.parameters), _fmt(r.step),
+             _fmt(r.value), _fmt(r.loss), r.checkpoint, r.mlflow_run] for r in rows]
+    return [header, *body]
+
+
+def print_table(cells: list[list[str]]) -> None:
+    shown = [row[:-2] for row in cells]  # checkpoint / run id: in trials.csv, too wide here
+    widths = [max(len(row[i]) for row in shown) for i in range(len(shown[0]))]
+    for i, row in enumerate(shown):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(sweep.parameters)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    colors = {"completed": "tab:blue", "early_stopped": "tab:orange", "error": "tab:red"}
+    for ax, name in zip(axes[0], names):
+        dist = sweep.parameters[name]
+        values = [r.params[name] for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = [float(v) for v in values]
+        else:
+            cats = sorted({str(v) for v in values})
+            xs = [cats.index(str(v)) for v in values]
+            ax.set_xticks(range(len(cats)), cats)
+        for status, color in colors.items():
+            pts = [(x, r.value) for x, r in zip(xs, rows)
+                   if r.status == status and math.isfinite(r.value)]
+            if pts:
+                ax.scatter(*zip(*pts), c=color, label=status.replace("_", " "))
+        if dist.kind == "loguniform" or (numeric and xs and min(xs) > 0
+                                          and max(xs) / min(xs) >= 100):
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel(sweep.metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{sweep.metric} ({sweep.resolved_mode}) per trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def run_sweep(spec: JobSpec):
+    """`maskclip sweep`: returns the Tune ResultGrid after logging and printing the summary."""
+    sweep = validate_sweep(spec)  # before anything starts
+    import ray.tune
+    from ray.tune import TuneConfig, Tuner
+
+    from .trainer import RunStopped, init_ray, storage
+
+    name = spec.run.name
+    base = _absolute(spec)
+    init_ray(spec)
+    check_concurrency(spec, sweep)
+    # checkpoint reports between validations carry no val_* metric: ASHA skips those reports
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+    storage_path, fs, storage_uri = storage(spec)
+    sweeps_path = f"{storage_path.rstrip('/')}/sweeps"
+    exp_path = f"{sweeps_path}/{name}"
+    resuming = Tuner.can_restore(exp_path, storage_filesystem=fs)
+
+    uri = base["tracking"]["tracking_uri"] if spec.tracking.enabled else None
+    parent = None
+    if uri:
+        parent = _find_parent(uri, spec.tracking.experiment, name) if resuming else None
+        if parent is None:
+            parent = start_run(uri, spec.tracking.experiment, name, sweep_params(sweep, spec),
+                               {**spec.run.tags, SWEEP_TAG: name})
+            Tracker(uri, parent).set_tag(SWEEP_TAG, name)
+
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_trial, base=base, sweep_name=name, parent_run_id=parent),
+        {"CPU": sweep.resources_per_trial.cpu},
+    )
+    mode = sweep.resolved_mode
+    if resuming:
+        print(f"resuming sweep {name} from {storage_uri}/sweeps/{name} (finished trials are kept; "
+              "the search space of the first start applies)", flush=True)
+        tuner = Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = Tuner(
+            trainable,
+            param_space=param_space(sweep),
+            tune_config=TuneConfig(
+                num_samples=sweep.resolved_num_samples,
+                max_concurrent_trials=sweep.max_concurrent,
+                search_alg=search_algorithm(sweep, spec.run.seed),
+                scheduler=scheduler(sweep, spec),
+                metric=sweep.metric,
+                mode=mode,
+                reuse_actors=False,
+            ),
+            run_config=ray.tune.RunConfig(name=name, storage_path=sweeps_path,
+                                          storage_filesystem=fs, verbose=1),
+        )
+    print(f"sweep {name}: {sweep.search} search, scheduler {sweep.scheduler}, "
+          f"metric {sweep.metric} ({mode}), {sweep.max_concurrent} trial(s) at a time", flush=True)
+    grid = tuner.fit()
+
+    rows = collect(grid, sweep, name, storage_uri.startswith("s3://"))
+    if uri and parent:
+        reconcile_runs(uri, parent, rows)
+    best = best_row(rows, mode)
+    cells = table(rows, sweep)
+    print(f"\nsweep {name}: {len(rows)} trials "
+          f"({sum(r.status == 'completed' for r in rows)} completed, "
+          f"{sum(r.status == 'early_stopped' for r in rows)} stopped early, "
+          f"{sum(r.status == 'error' for r in rows)} failed)")
+    print_table(cells)
+    for r in rows:
+        if r.error:
+            print(f"  {r.run_name}: {r.error}")
+
+    if uri and parent:
+        tracker = Tracker(uri, parent)
+        with tempfile.TemporaryDirectory() as d:
+            csv_path = os.path.join(d, "trials.csv")
+            with open(csv_path, "w", newline="") as f:
+                csv.writer(f).writerows(cells)
+            tracker.log_artifact(csv_path)
+            png = os.path.join(d, "sweep_plot.png")
+            try:
+                plot(rows, sweep, png)
+                tracker.log_artifact(png)
+            except Exception as e:  # noqa: BLE001 - a plot never fails the sweep
+                print(f"warning: sweep plot failed ({type(e).__name__}: {e})", file=sys.stderr)
+        if best is not None:
+            tracker.log_metrics({f"best_{sweep.metric}": best.value}, 0)
+            tracker.set_tag("maskclip.best_trial", best.run_name)
+            tracker.set_tag("maskclip.best_checkpoint", best.checkpoint)
+            tracker.set_tag("maskclip.best_mlflow_run", best.mlflow_run)
+            for p, v in best.params.items():
+                tracker.set_tag(f"best.{p}", _fmt(v))
+        all_failed = bool(rows) and all(r.status == "error" for r in rows)
+        tracker.end("FAILED" if all_failed else "FINISHED")
+
+    if best is not None:
+        print(f"best trial: {best.run_name} ({sweep.metric} {_fmt(best.value)}; "
+              + ", ".join(f"{p}={_fmt(v)}" for p, v in best.params.items()) + ")")
+    print(f"best checkpoint: {best.checkpoint if best else 'none'}")
+    print(f"mlflow run: {parent}")
+    if rows and all(r.status == "error" for r in rows):
+        raise RunStopped(f"sweep {name}: all {len(rows)} trials failed (see the errors above); "
+                         "run the same sweep again to retry them")
+    return grid

@@ -1,0 +1,62 @@
+"""Write image/caption rows as Parquet shards (local folder or s3://) for tests.
+
+(Kept here because service/datasets.py did not exist when the data tests were written; if it grows
+equivalents, these can be replaced by imports from it.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("jpg", pa.binary()),
+        ("caption", pa.string()),
+        ("label", pa.string()),
+    ]
+)
+
+
+def rows_from_records(records: list[dict]) -> pa.Table:
+    """Rows {"key", "jpg", "caption", "label"} -> a Table (key, jpg binary, caption, label)."""
+    return pa.Table.from_pylist(
+        [{name: r.get(name) for name in SCHEMA.names} for r in records], schema=SCHEMA
+    )
+
+
+def write_parquet_shards(
+    records_iter: Iterable[dict], out_uri: str, rows_per_shard: int, storage=None
+) -> list[str]:
+    """Write shard-00000.parquet, ... under a local folder or s3://bucket/prefix; return URIs."""
+    if out_uri.startswith("s3://"):
+        from service.data import s3_filesystem
+
+        fs = s3_filesystem(storage)
+        base = out_uri[len("s3://") :].rstrip("/")
+        prefix = "s3://"
+    else:
+        fs = None
+        Path(out_uri).mkdir(parents=True, exist_ok=True)
+        base = str(Path(out_uri))
+        prefix = ""
+    written: list[str] = []
+    chunk: list[dict] = []
+
+    def flush() -> None:
+        path = f"{base}/shard-{len(written):05d}.parquet"
+        pq.write_table(rows_from_records(chunk), path, filesystem=fs)
+        written.append(prefix + path)
+        chunk.clear()
+
+    for record in records_iter:
+        chunk.append(record)
+        if len(chunk) >= rows_per_shard:
+            flush()
+    if chunk:
+        flush()
+    return written

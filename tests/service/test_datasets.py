@@ -1,0 +1,406 @@
+import csv
+import io
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from service import datasets
+from service.cli import main
+from service.errors import UserError
+
+IMG2DATASET = {"key": pa.string(), "jpg": pa.binary(), "caption": pa.string()}
+
+
+def _read(path) -> pa.Table:
+    files = sorted(Path(path).glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def _decodes(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def test_synth_shards_schema_and_determinism(tmp_path):
+    stats = datasets.synth(str(tmp_path / "a"), rows=25, image_size=16, seed=1, rows_per_shard=10)
+    assert stats["rows"] == 25 and stats["shards"] == math.ceil(25 / 10) and stats["bad"] == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [
+        "_SUCCESS",
+        "_manifest.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert [pq.ParquetFile(tmp_path / "a" / n).metadata.num_rows for n in names[2:]] == [10, 10, 5]
+    table = _read(tmp_path / "a")
+    for name, typ in {**IMG2DATASET, "label": pa.string()}.items():
+        assert table.schema.field(name).type == typ
+    assert table.column_names[:3] == ["key", "jpg", "caption"]
+    assert len(set(table.column("key").to_pylist())) == 25
+    assert _decodes(table.column("jpg")[0].as_py()).size == (16, 16)
+    manifest = json.loads((tmp_path / "a" / "_manifest.json").read_text())
+    assert manifest["rows"] == 25 and sum(manifest["labels"].values()) == 25
+
+    datasets.synth(str(tmp_path / "b"), rows=25, image_size=16, seed=1, rows_per_shard=7)
+    datasets.synth(str(tmp_path / "c"), rows=25, image_size=16, seed=2, rows_per_shard=10)
+    assert _read(tmp_path / "b").equals(table)  # same rows whatever the sharding
+    assert _read(tmp_path / "c").column("jpg") != table.column("jpg")
+
+
+def test_synth_val_split_and_overwrite(tmp_path):
+    out = str(tmp_path / "d")
+    stats = datasets.synth(out, rows=12, val_rows=5, image_size=16, rows_per_shard=100)
+    assert stats["train"]["rows"] == 12 and stats["val"]["rows"] == 5
+    train, val = _read(tmp_path / "d" / "train"), _read(tmp_path / "d" / "val")
+    assert not set(train.column("key").to_pylist()) & set(val.column("key").to_pylist())
+
+    with pytest.raises(UserError, match="already holds a dataset"):
+        datasets.synth(out + "/train", rows=3, image_size=16)
+    datasets.synth(out + "/train", rows=3, image_size=16, overwrite=True)
+    assert _read(tmp_path / "d" / "train").num_rows == 3
+    assert not list((tmp_path / "d" / "train").glob(".*"))  # no temporary files left
+
+
+def test_write_shards_skips_bad_rows_and_keeps_extra_columns(tmp_path):
+    jpg = datasets_row_jpg()
+    rows = [
+        {"key": 1, "jpg": jpg, "caption": "one", "score": 0.5},
+        {"key": "2", "jpg": b"", "caption": "no image"},
+        {"key": "3", "jpg": jpg, "caption": "  "},
+        {"jpg": jpg, "caption": "no key", "score": 1.5},
+    ]
+    stats = datasets.write_shards(rows, str(tmp_path / "w"), rows_per_shard=1, progress=False)
+    assert (stats["rows"], stats["bad"], stats["shards"]) == (2, 2, 2)
+    table = _read(tmp_path / "w")
+    assert table.column_names == ["key", "jpg", "caption", "score"]
+    assert table.column("key").to_pylist() == ["1", "000000001"]
+    assert stats["labels"] is None
+    with pytest.raises(UserError, match="no rows"):
+        datasets.write_shards([], str(tmp_path / "empty"), progress=False)
+    assert not (tmp_path / "empty" / "_SUCCESS").exists()
+
+
+def datasets_row_jpg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- convert folder
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    Image.new("RGB", (400, 200), (255, 0, 0)).save(d / "red.png")
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(d / "green.jpg", quality=90)
+    Image.new("L", (50, 80), 128).save(d / "sub" / "grey.png")
+    Image.new("RGBA", (30, 30), (0, 0, 255, 100)).save(d / "alpha.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(d / "nocap.png")
+    captions = {
+        "red.png": ("a red rectangle", "red"),
+        "green.jpg": ("a green square", "green"),
+        "sub/grey.png": ("a grey image", "grey"),
+        "alpha.png": ("a translucent blue square", "blue"),
+        "broken.jpg": ("a corrupt file", "bad"),
+    }
+    return d, captions
+
+
+def _check_converted(out: Path, stats: dict, capsys, with_labels: bool):
+    err = capsys.readouterr().err
+    assert stats["rows"] == 4 and stats["seen"] == 6
+    assert stats["skipped"] == {"unreadable image": 1, "no caption": 1}
+    assert "broken.jpg" in err and "nocap.png" in err
+    assert len([line for line in err.splitlines() if line.startswith("warning:")]) == 2
+    table = _read(out)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert set(rows) == {"red.png", "green.jpg", "sub/grey.png", "alpha.png"}
+    for r in rows.values():
+        img = _decodes(r["jpg"])
+        assert img.format == "JPEG" and img.mode == "RGB" and max(img.size) <= 128
+    assert _decodes(rows["red.png"]["jpg"]).size == (128, 64)
+    assert _decodes(rows["sub/grey.png"]["jpg"]).size == (50, 80)
+    r, g, b = _decodes(rows["alpha.png"]["jpg"]).convert("RGB").getpixel((15, 15))
+    assert r > 100 and b > 200  # composited on white
+    assert rows["green.jpg"]["caption"] == "a green square"
+    if with_labels:
+        assert rows["green.jpg"]["label"] == "green"
+    else:
+        assert "label" not in table.column_names
+
+
+def test_convert_folder_csv(image_folder, tmp_path, capsys):
+    d, captions = image_folder
+    csv_path = tmp_path / "captions.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "caption", "label"])
+        for name, (cap, label) in captions.items():
+            w.writerow([name, cap, label])
+        w.writerow(["nocap.png", "", "x"])
+    stats = datasets.convert_folder(str(d), str(csv_path), str(tmp_path / "out"), max_size=128)
+    _check_converted(tmp_path / "out", stats, capsys, with_labels=True)
+
+
+def test_convert_folder_jsonl(image_folder, tmp_path, capsys):
+    d, captions = image_folder
+    path = tmp_path / "captions.jsonl"
+    lines = [
+        json.dumps({"image": n, "caption": c, "label": lab}) for n, (c, lab) in captions.items()
+    ]
+    lines.append(json.dumps({"file": "nocap.png"}))
+    path.write_text("\n".join(lines) + "\n\n")
+    stats = datasets.convert_folder(str(d), str(path), str(tmp_path / "out"), max_size=128)
+    _check_converted(tmp_path / "out", stats, capsys, with_labels=True)
+
+    path.write_text('{"file": "red.png", "caption": "x"}\n{not json\n')
+    with pytest.raises(UserError, match=r"captions.jsonl: invalid JSON at line 2"):
+        datasets.convert_folder(str(d), str(path), str(tmp_path / "out2"))
+
+
+def test_convert_folder_sidecar_txt(image_folder, tmp_path, capsys):
+    d, captions = image_folder
+    for name, (cap, _) in captions.items():
+        (d / name).with_suffix(".txt").write_text(cap + "\n")
+    stats = datasets.convert_folder(str(d), None, str(tmp_path / "out"), max_size=128)
+    _check_converted(tmp_path / "out", stats, capsys, with_labels=False)
+
+
+def test_convert_folder_errors(image_folder, tmp_path, capsys):
+    d, _ = image_folder
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("name,text\nred.png,hi\n")
+    with pytest.raises(UserError, match=r"bad.csv: needs a file column .* header has: name, text"):
+        datasets.convert_folder(str(d), str(bad_csv), str(tmp_path / "o"))
+    only_bad = tmp_path / "only_bad.csv"
+    only_bad.write_text("file,caption\nbroken.jpg,x\nmissing.png,y\n")
+    with pytest.raises(UserError, match="no usable images"):
+        datasets.convert_folder(str(d), str(only_bad), str(tmp_path / "o"))
+    assert "missing.png: cannot read" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"no usable images \(6 entries, all skipped: 6 no caption"):
+        datasets.convert_folder(str(d), None, str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found with sidecar"):
+        datasets.convert_folder(str(tmp_path / "empty"), None, str(tmp_path / "o"))
+    ok_csv = tmp_path / "ok.csv"
+    ok_csv.write_text("file,caption\nred.png,red\n")
+    datasets.convert_folder(str(d), str(ok_csv), str(tmp_path / "o"))
+    with pytest.raises(UserError, match="already holds a dataset"):
+        datasets.convert_folder(str(d), str(ok_csv), str(tmp_path / "o"))
+    with pytest.raises(UserError, match="images folder not found"):
+        datasets.convert_folder(str(tmp_path / "nope"), None, str(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(datasets.FASHION_MNIST_DIR),
+    reason="Fashion-MNIST absent (apt-get install dataset-fashion-mnist)",
+)
+def test_convert_fashion_mnist(tmp_path):
+    stats = datasets.convert_fashion_mnist(
+        str(tmp_path / "fm"), image_size=32, rows_per_shard=15, limit=40, progress=False
+    )
+    assert stats["train"]["rows"] == 40 and stats["test"]["rows"] == 40
+    assert stats["train"]["shards"] == 3
+    for split in ("train", "test"):
+        table = _read(tmp_path / "fm" / split)
+        assert set(table.column("label").to_pylist()) <= set(datasets.FASHION_MNIST_CLASSES)
+        assert _decodes(table.column("jpg")[0].as_py()).size == (32, 32)
+        captions = table.column("caption").to_pylist()
+        labels = table.column("label").to_pylist()
+        assert all(lab in cap for cap, lab in zip(captions, labels))
+        assert len(set(captions)) > 10
+    train = _read(tmp_path / "fm" / "train")
+    assert train.column("key")[0].as_py() == "train-00000"
+    # the first training image of Fashion-MNIST is an ankle boot (label 9)
+    assert train.column("label")[0].as_py() == "ankle boot"
+    again = datasets.convert_fashion_mnist(
+        str(tmp_path / "fm2"), limit=40, rows_per_shard=40, progress=False
+    )
+    assert again["train"]["rows"] == 40
+    assert _read(tmp_path / "fm2" / "train").equals(train)  # deterministic by seed
+
+
+def test_fashion_mnist_missing_data(tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        datasets.convert_fashion_mnist(str(tmp_path / "o"), source_dir=str(tmp_path / "none"))
+
+
+def test_read_idx(tmp_path):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    with gzip.open(tmp_path / "x-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + struct.pack(">3I", 2, 3, 4) + a.tobytes())
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "x-idx3-ubyte.gz"), a)
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "x-idx3-ubyte.gz", limit=1), a[:1])
+    (tmp_path / "junk").write_bytes(b"hello")
+    with pytest.raises(UserError, match="not an IDX file"):
+        datasets.read_idx(tmp_path / "junk")
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def test_inspect_reports_rows_columns_and_bad_images(tmp_path):
+    out = tmp_path / "ds"
+    rows = [
+        {"key": f"{i}", "jpg": datasets_row_jpg(), "caption": f"c{i}", "label": "ab"[i % 2]}
+        for i in range(9)
+    ]
+    rows[4]["jpg"] = b"\x89PNG\r\n\x1a\n truncated"
+    datasets.write_shards(rows, str(out), rows_per_shard=4, progress=False)
+    info = datasets.inspect(str(out), samples=2)
+    assert info["rows"] == 9 and info["shards"] == 3 and info["complete"]
+    assert info["columns"] == {
+        "key": "string",
+        "jpg": "binary",
+        "caption": "string",
+        "label": "string",
+    }
+    assert info["labels"] == {"a": 5, "b": 4}
+    assert info["checked"] == 9 and info["bad_images"] == 1
+    assert info["bad_examples"][0].startswith("4: ")
+    assert [s["caption"] for s in info["samples"]] == ["c0", "c1"]
+    assert datasets.inspect(str(out), check_rows=3)["checked"] == 3
+    text = datasets.format_inspect(info)
+    assert text.splitlines()[-1] == "rows: 9"
+    assert "1 not decodable" in text
+
+    (out / "_SUCCESS").unlink()
+    assert not datasets.inspect(str(out / "part-*.parquet"))["complete"]
+    assert datasets.inspect(str(out / "part-00000.parquet"))["rows"] == 4
+    (tmp_path / "notparquet").mkdir()
+    (tmp_path / "notparquet" / "x.parquet").write_bytes(b"nope")
+    with pytest.raises(UserError, match=r"x.parquet: not a readable Parquet file"):
+        datasets.inspect(str(tmp_path / "notparquet"))
+    with pytest.raises(UserError, match="no Parquet files"):
+        datasets.inspect(str(tmp_path / "ds" / "..") + "/empty*")
+
+
+# ----------------------------------------------------------------------------- S3 (moto)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(moto_endpoint, monkeypatch):
+    import boto3
+
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    bucket = f"data-{_free_port()}"
+    client.create_bucket(Bucket=bucket)
+    return client, bucket
+
+
+def test_synth_and_inspect_on_s3(s3):
+    client, bucket = s3
+    stats = datasets.synth(f"s3://{bucket}/shapes", rows=12, image_size=16, rows_per_shard=5)
+    assert stats["shards"] == 3
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == [
+        "shapes/_SUCCESS",
+        "shapes/_manifest.json",
+        "shapes/part-00000.parquet",
+        "shapes/part-00001.parquet",
+        "shapes/part-00002.parquet",
+    ]
+    body = client.get_object(Bucket=bucket, Key="shapes/part-00002.parquet")["Body"].read()
+    assert pq.read_table(io.BytesIO(body)).num_rows == 2
+    info = datasets.inspect(f"s3://{bucket}/shapes")
+    assert info["rows"] == 12 and info["bad_images"] == 0 and info["complete"]
+    with pytest.raises(UserError, match="bucket not found"):
+        datasets.synth("s3://no-such-bucket-here/x", rows=2, image_size=16)
+    with pytest.raises(UserError, match="no such file or folder"):
+        datasets.inspect(f"s3://{bucket}/nothing-here")
+
+
+def test_cli_s3_endpoint_option(s3, monkeypatch, capsys):
+    _, bucket = s3
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    argv = ["--endpoint-url", endpoint]
+    assert main(["data", "synth", "--out", f"s3://{bucket}/cli", "--rows", "3", *argv]) == 0
+    assert main(["data", "inspect", f"s3://{bucket}/cli", *argv]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "rows: 3"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_synth_inspect_convert(tmp_path, image_folder, capsys):
+    out = str(tmp_path / "shapes")
+    argv = ["data", "synth", "--out", out, "--rows", "7", "--image-size", "16"]
+    assert main([*argv, "--rows-per-shard", "3"]) == 0
+    assert "wrote 7 rows in 3 shard(s)" in capsys.readouterr().out
+    assert main(argv) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "inspect", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "rows: 7" and lines[0].startswith(f"dataset: {out}")
+
+    d, captions = image_folder
+    for name, (cap, _) in captions.items():
+        (d / name).with_suffix(".txt").write_text(cap)
+    conv = str(tmp_path / "conv")
+    assert main(["data", "convert", "--images", str(d), "--out", conv, "--max-size", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 4 rows" in captured.out and "broken.jpg" in captured.err
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["data", "inspect", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /nonexistent") and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert main(["data", "convert", "--fashion-mnist", "--source", "/nope", "--out", "/tmp/x"]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:  # argparse: --images and --fashion-mnist exclusive
+        main(["data", "convert", "--images", "a", "--fashion-mnist", "--out", "o"])
+    assert e.value.code == 2

@@ -1,0 +1,174 @@
+"""`maskclip run` end to end with the real parts: local Ray, an MLflow server, moto S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from service.cli import main
+from tests.service.data_fixtures import write_parquet_shards
+from tests.service.mlflow_fixture import MlflowServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server.uri
+    server.stop()
+
+
+def write_job(tmp_path: Path, **sections) -> str:
+    job = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
+        "model": {"size": "maskclip_nano", "vocab_size": 300},
+        "optim": {"batch_size": 16, "max_steps": 6, "warmup_steps": 1, "log_every": 2},
+        "checkpoint": {"every_steps": 3},
+    }
+    for k, v in sections.items():
+        job.setdefault(k, {}).update(v)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def summary(out: str) -> dict[str, str]:
+    lines = [ln for ln in out.splitlines() if ln.startswith(("checkpoint: ", "mlflow run: "))]
+    return dict(ln.split(": ", 1) for ln in lines)
+
+
+def test_local_run_then_resume_continues_steps_and_mlflow_run(
+    ray_local, synth_parquet, mlflow_server, tmp_path, capsys
+):
+    job = write_job(
+        tmp_path,
+        data={"train": synth_parquet, "val": synth_parquet},
+        tracking={"tracking_uri": mlflow_server, "experiment": "test-run"},
+    )
+    assert main(["run", job]) == 0
+    first = summary(capsys.readouterr().out)
+    ckpt_dir = Path(first["checkpoint"])
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["mlflow_run_id"] == first["mlflow run"]
+    assert (ckpt_dir / "tokenizer.json").is_file() and (ckpt_dir / "job.yaml").is_file()
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(first["mlflow run"])
+    assert run.data.params["model.mask_ratio"] == "0.75"
+    assert run.data.params["optim.batch_size"] == "16"
+    for metric in (
+        "loss",
+        "loss_contrastive",
+        "loss_image_distill",
+        "loss_text_distill",
+        "lr",
+        "logit_scale",
+        "ema_momentum",
+        "samples_per_s",
+        "data_rows_bad",
+        "val_zero_shot_top1",
+        "val_image_to_text_R1",
+    ):
+        assert metric in run.data.metrics, metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec", "model", "figures"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/student.pt", "model/tokenizer.json", "model/job.yaml"} <= model_files
+
+    # same job name, more steps: resumes from step 6 and continues the same MLflow run
+    assert main(["run", job, "--set", "optim.max_steps=10"]) == 0
+    second = summary(capsys.readouterr().out)
+    assert second["mlflow run"] == first["mlflow run"]
+    assert json.loads((Path(second["checkpoint"]) / "meta.json").read_text())["step"] == 10
+    steps = [m.step for m in client.get_metric_history(first["mlflow run"], "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 10 and 2 in steps and 8 in steps
+    exp = client.get_experiment_by_name("test-run")
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_s3_data_and_checkpoints(ray_local, s3_server, s3_bucket, synth_parquet, tmp_path, capsys):
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_server.removeprefix("http://"),
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
+    for f in Path(synth_parquet).glob("*.parquet"):
+        with fs.open_output_stream(f"{s3_bucket}/train/{f.name}") as out:
+            out.write(f.read_bytes())
+    job = write_job(
+        tmp_path,
+        data={"train": f"s3://{s3_bucket}/train/"},
+        checkpoint={"storage_path": f"s3://{s3_bucket}/ckpt", "every_steps": 3},
+        storage={"endpoint_url": s3_server, "region": "us-east-1"},
+        tracking={"enabled": False},
+    )
+    assert main(["run", job]) == 0
+    uri = summary(capsys.readouterr().out)["checkpoint"]
+    assert uri.startswith(f"s3://{s3_bucket}/ckpt/t/")
+    info = fs.get_file_info(uri.removeprefix("s3://") + "/meta.json")
+    assert info.type == pafs.FileType.File
+
+
+def test_corrupt_rows_are_skipped_and_counted(ray_local, tmp_path, capsys):
+    from maskclip.synthetic import generate
+
+    rows = generate(64, image_size=32, seed=3)
+    for i in range(0, 64, 16):  # 4 bad rows of 64: 6%
+        rows[i]["jpg"] = b"not an image" if i % 32 else b""
+    write_parquet_shards(iter(rows), str(tmp_path / "data"), rows_per_shard=32)
+    job = write_job(
+        tmp_path,
+        data={"train": str(tmp_path / "data"), "max_bad_fraction": 0.2},
+        tracking={"enabled": False},
+        optim={"max_steps": 4},
+    )
+    assert main(["run", job]) == 0
+    out = capsys.readouterr().out
+    assert "(4 skipped)" in out or "skipped)" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("run t:"))
+    assert "0 skipped" not in line
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"model": {"sise": "x"}}, "model.sise: unknown key"),
+        ({"model": {"mask_ratio": 1.5}}, "model.mask_ratio: Input should be less than 1 (got 1.5)"),
+        ({"optim": {"lr": "fast"}}, "optim.lr: Input should be a valid number"),
+        ({"data": {"train": "/no/such/data"}}, "data.train: no such file or directory"),
+        ({"storage": {"aws_secret_access_key": "x"}}, "credentials never go in the job spec"),
+    ],
+)
+def test_spec_errors_are_one_line_exit_2(tmp_path, capsys, extra, message):
+    sections = {"data": {"train": str(tmp_path)}}
+    for key, value in extra.items():
+        sections.setdefault(key, {}).update(value)
+    job = write_job(tmp_path, **sections)
+    assert main(["validate", job]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_validate_prints_resolved_spec_with_overrides(tmp_path, capsys):
+    job = write_job(tmp_path, data={"train": str(tmp_path)})
+    assert (
+        main(["validate", job, "--set", "model.mask_ratio=0.6", "--set", "optim.max_steps=7"]) == 0
+    )
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["model"]["mask_ratio"] == 0.6 and resolved["optim"]["max_steps"] == 7
+    assert resolved["model"]["masking"] == "block"  # defaults filled in
+
+
+def test_schema_command_prints_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "data" in schema["required"] and "model" in schema["properties"]
