@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	test -f data/shapes/train/_SUCCESS || \
+	  $(BIN)/maskclip data synth --out data/shapes --rows 6000 --val-rows 512 --overwrite
 	$(BIN)/maskclip run jobs/quickstart.yaml
 
 lint: $(STAMP)

@@ -50,7 +50,7 @@ SPEC_FILE = "job.yaml"
 DEFAULT_ENTRYPOINT = f"maskclip run {SPEC_FILE}"
 DEV_ENTRYPOINT = f"python -m service.cli run {SPEC_FILE}"
 WORKING_DIR_EXCLUDES = [".venv", "data", "runs", ".git", "mlruns"]
-_COPY_IGNORE = {*WORKING_DIR_EXCLUDES, "__pycache__", ".pytest_cache", ".ruff_cache", "build"}
+_COPY_IGNORE = {"__pycache__", ".pytest_cache", ".ruff_cache"}  # at any depth
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 STOP_GRACE_S = 120
 """Seconds between SIGTERM and SIGKILL when a job is stopped (the run checkpoints on SIGTERM)."""
@@ -344,7 +344,14 @@ def _stage(spec_yaml: str, repo: Path | None, dest: Path) -> str:
             raise UserError(f"--working-dir {repo}: no such directory")
 
         def ignore(folder: str, names: list[str]) -> set[str]:
-            return {n for n in names if n in _COPY_IGNORE or n.endswith((".egg-info", ".pyc"))}
+            top = Path(folder) == repo  # the excludes name top-level folders (repo/data, ...)
+            return {
+                n
+                for n in names
+                if n in _COPY_IGNORE
+                or n.endswith((".egg-info", ".pyc"))
+                or (top and n in WORKING_DIR_EXCLUDES)
+            }
 
         shutil.copytree(repo, dest, ignore=ignore, dirs_exist_ok=True)
         for p in sorted(dest.rglob("*")):
@@ -457,7 +464,7 @@ def _fmt_time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
 
 
-def job_status(job_id: str, address: str | None = None, allow_insecure: bool = False) -> str:
+def job_status(job_id: str, address: str | None = None, *, allow_insecure: bool = False) -> str:
     """The job's status string (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     client = connect(address, allow_insecure)
     url = _client_address(client)
@@ -468,8 +475,8 @@ def job_status(job_id: str, address: str | None = None, allow_insecure: bool = F
 def status(
     job_id: str,
     address: str | None = None,
-    allow_insecure: bool = False,
     *,
+    allow_insecure: bool = False,
     out: TextIO | None = None,
 ) -> JobDetails:
     """Print and return the job's details."""
@@ -511,9 +518,9 @@ def _follow(client: JobSubmissionClient, job_id: str, url: str, out: TextIO) -> 
 def logs(
     job_id: str,
     address: str | None = None,
-    allow_insecure: bool = False,
     follow: bool = False,
     *,
+    allow_insecure: bool = False,
     out: TextIO | None = None,
 ) -> str:
     """Print the job's logs (``follow``: stream them until the job ends). Returns the full text
@@ -547,8 +554,8 @@ def _wait_terminal(
 def stop(
     job_id: str,
     address: str | None = None,
-    allow_insecure: bool = False,
     *,
+    allow_insecure: bool = False,
     timeout_s: float = STOP_GRACE_S + 30,
     out: TextIO | None = None,
 ) -> str:
@@ -573,7 +580,7 @@ def stop(
 
 
 def list_jobs(
-    address: str | None = None, allow_insecure: bool = False, *, out: TextIO | None = None
+    address: str | None = None, *, allow_insecure: bool = False, out: TextIO | None = None
 ) -> list[JobDetails]:
     """Print a table of submitted jobs (submission id, run name, status, start time), oldest
     first; return their details."""

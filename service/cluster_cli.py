@@ -56,28 +56,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
         entrypoint=args.entrypoint,
     )
     if args.wait:
-        state = cluster.job_status(job_id, args.address, args.allow_insecure)
+        state = cluster.job_status(job_id, args.address, allow_insecure=args.allow_insecure)
         return 0 if state == TERMINAL_OK else 1
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cluster.status(args.job_id, args.address, args.allow_insecure)
+    cluster.status(args.job_id, args.address, allow_insecure=args.allow_insecure)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    cluster.logs(args.job_id, args.address, args.allow_insecure, follow=args.follow)
+    cluster.logs(args.job_id, args.address, follow=args.follow, allow_insecure=args.allow_insecure)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    state = cluster.stop(args.job_id, args.address, args.allow_insecure)
+    state = cluster.stop(args.job_id, args.address, allow_insecure=args.allow_insecure)
     return 0 if state in cluster.TERMINAL else 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    cluster.list_jobs(args.address, args.allow_insecure)
+    cluster.list_jobs(args.address, allow_insecure=args.allow_insecure)
     return 0
 
 
@@ -142,9 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _overrides(p)
     p.add_argument("--image", default=None, help="container image (default: the project's)")
     p.add_argument("--namespace", default="maskclip", help="Kubernetes namespace")
-    p.add_argument(
-        "--ttl", type=int, default=3600, help="ttlSecondsAfterFinished (default 3600)"
-    )
+    p.add_argument("--ttl", type=int, default=3600, help="ttlSecondsAfterFinished (default 3600)")
     p.add_argument("--backoff-limit", type=int, default=0, help="RayJob retries (default 0)")
     p.add_argument(
         "--active-deadline", type=int, default=None, metavar="SECONDS", help="activeDeadlineSeconds"

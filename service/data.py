@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,9 @@ MAP_CONCURRENCY = 2
 """At most this many decode/transform tasks at once."""
 TARGET_BATCH_BYTES = 32 << 20
 """Decoded float32 images per map batch are kept near this size (64..256 rows)."""
+
+STATS_LOOKUP_S = 30.0
+"""Decoders look the stats actor up by name again after this many seconds."""
 
 _GLOB_CHARS = "*?["
 
@@ -105,29 +109,47 @@ def _is_parquet(path: str) -> bool:
     return path.lower().endswith((".parquet", ".pq"))
 
 
+def _hidden(rel: str) -> bool:
+    """Names starting with '_' or '.' (markers, manifests, half-written temporaries) are skipped."""
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def _data_files(files: list[str], base: str = "") -> list[str]:
+    """Parquet files among `files` (by extension), skipping hidden names below `base`."""
+    cut = len(base.rstrip("/")) + 1 if base else 0
+    return sorted(f for f in files if _is_parquet(f) and not _hidden(f[cut:] if cut else f))
+
+
+def _glob_files(matched: list[str]) -> list[str]:
+    """Files a glob matched: the Parquet ones if any (a broad '*' also hits markers), else all."""
+    visible = [f for f in matched if not _hidden(f.rsplit("/", 1)[-1])]
+    parquet = [f for f in visible if _is_parquet(f)]
+    return sorted(parquet or visible)
+
+
 def _resolve_local(uri: str, field: str) -> list[str]:
     if _has_glob(uri):
         matches = sorted(_glob.glob(uri, recursive=True))
         if not matches:
             raise UserError(f"{field}: no files match {uri!r}")
-        paths: list[str] = []
+        files: list[str] = []
+        matched_files: list[str] = []
         for m in matches:
             p = Path(m)
-            if p.is_dir():
-                paths.extend(
-                    str(f) for f in sorted(p.rglob("*")) if f.is_file() and _is_parquet(f.name)
-                )
+            if p.is_dir() and not _hidden(p.name):
+                found = [f.as_posix() for f in p.rglob("*") if f.is_file()]
+                files.extend(_data_files(found, p.as_posix()))
             elif p.is_file():
-                paths.append(str(p))
-        paths = sorted(set(paths))
+                matched_files.append(p.as_posix())
+        paths = sorted(set(files + _glob_files(matched_files)))
     else:
         p = Path(uri)
         if not p.exists():
             raise UserError(f"{field}: no such file or directory {uri!r}")
         if p.is_file():
             return [str(p.resolve())]
-        paths = [str(f) for f in sorted(p.rglob("*")) if f.is_file() and _is_parquet(f.name)]
-    paths = [str(Path(x).resolve()) for x in paths]
+        paths = _data_files([f.as_posix() for f in p.rglob("*") if f.is_file()], p.as_posix())
+    paths = sorted(str(Path(x).resolve()) for x in paths)
     if not paths:
         raise UserError(f"{field}: no Parquet files at {uri!r}")
     return paths
@@ -153,19 +175,19 @@ def _resolve_s3(uri: str, storage: Any, field: str) -> tuple[list[str], pafs.S3F
                 base_parts.append(part)
             base = "/".join(base_parts)
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            paths = sorted(
-                i.path
-                for i in infos
-                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
+            paths = _glob_files(
+                [
+                    i.path
+                    for i in infos
+                    if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
+                ]
             )
         else:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.File:
                 return [path], fs
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            paths = sorted(
-                i.path for i in infos if i.type == pafs.FileType.File and _is_parquet(i.path)
-            )
+            paths = _data_files([i.path for i in infos if i.type == pafs.FileType.File], path)
         if not paths:
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise UserError(f"{field}: bucket {bucket!r} does not exist ({uri!r})")
@@ -394,14 +416,24 @@ class DecodeBatch:
         self.max_pixels = max_pixels
         self.max_caption_chars = max_caption_chars
         self.keep_caption = keep_caption
-        self.stats = None
-        if stats_actor_name:
+        self.stats_actor_name = stats_actor_name
+        self._stats = None
+        self._stats_at = -float("inf")
+
+    def _stats_actor(self):
+        """The stats actor, looked up again now and then (a run may recreate it by name)."""
+        if not self.stats_actor_name:
+            return None
+        now = time.monotonic()
+        if now - self._stats_at > STATS_LOOKUP_S:
             import ray
 
+            self._stats_at = now
             try:
-                self.stats = ray.get_actor(stats_actor_name)
+                self._stats = ray.get_actor(self.stats_actor_name)
             except ValueError:
-                self.stats = None
+                self._stats = None
+        return self._stats
 
     def _image(self, data: Any) -> tuple[np.ndarray | None, str | None]:
         from maskclip.transforms import ImageDecodeError, decode_image
@@ -447,8 +479,9 @@ class DecodeBatch:
                     label = bytes(label).decode("utf-8", errors="replace")
                 labels.append("" if label is None else str(label))
         bad = n - len(images)
-        if self.stats is not None:
-            self.stats.add.remote(n, bad, reasons)  # fire and forget
+        stats = self._stats_actor()
+        if stats is not None:
+            stats.add.remote(n, bad, reasons)  # fire and forget
         if not images:  # an all-bad batch yields nothing (an empty tensor block would not concat)
             return
         out = {

@@ -314,7 +314,11 @@ def render_rayjob(
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {**LABELS, "app.kubernetes.io/name": "maskclip-rayjob", "maskclip.io/run": name},
+            "labels": {
+                **LABELS,
+                "app.kubernetes.io/name": "maskclip-rayjob",
+                "maskclip.io/run": name,
+            },
             "annotations": {
                 "maskclip.io/run-name": spec.run.name,
                 "maskclip.io/spec-sha256": hashlib.sha256(spec_yaml.encode()).hexdigest(),

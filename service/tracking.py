@@ -84,12 +84,27 @@ def start_run(
 class Tracker:
     """Rank-0 logger into an existing run. All methods are safe to call when MLflow is down."""
 
-    def __init__(self, uri: str | None, run_id: str | None, max_buffer: int = 10000):
+    def __init__(
+        self, uri: str | None, run_id: str | None, max_buffer: int = 10000, resumed: bool = False
+    ):
         self.uri, self.run_id = uri, run_id
         self.enabled = bool(uri and run_id)
         self._buffer: deque = deque(maxlen=max_buffer)
         self._warned = False
         self._client = _client(uri) if self.enabled else None
+        self.logged_up_to = self._last_logged_step() if resumed else -1
+
+    def _last_logged_step(self) -> int:
+        """A restarted worker replays the steps after its last checkpoint; those steps were
+        already logged, so they are not logged twice (MLflow keeps one point per step)."""
+        if not self.enabled:
+            return -1
+        try:
+            history = self._client.get_metric_history(self.run_id, "loss")
+            return max((m.step for m in history), default=-1)
+        except Exception as e:  # noqa: BLE001
+            self._warn("reading the run", e)
+            return -1
 
     def _warn(self, what: str, err: Exception) -> None:
         if not self._warned:
@@ -98,7 +113,7 @@ class Tracker:
             self._warned = True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or step <= self.logged_up_to:
             return
         import time
 

@@ -99,7 +99,9 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resumed from checkpoint at step {step}")
 
     task.model = ray.train.torch.prepare_model(task.student) if world > 1 else task.student
-    tracker = Tracker(config.get("tracking_uri"), run_id) if rank == 0 else Tracker(None, None)
+    tracker = Tracker(None, None)
+    if rank == 0:
+        tracker = Tracker(config.get("tracking_uri"), run_id, resumed=resume is not None)
     control = control_actor(config["control"]) if rank == 0 else None
     autocast = spec.optim.precision == "bf16" or (
         spec.optim.precision == "auto" and device.type == "cuda"
@@ -146,7 +148,9 @@ def train_loop_per_worker(config: dict) -> None:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0] > 0:
                 if spec.optim.on_nonfinite == "stop":
-                    stop_reason = f"non-finite loss at step {step + 1} ({loss.item()})"
+                    stop_reason = f"non-finite loss at step {step + 1}"
+                    if control is not None:
+                        ray.get(control.request_stop.remote(f"nonfinite: {stop_reason}"))
                     break
                 print(f"warning: non-finite loss at step {step + 1}; step skipped")
                 optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,10 @@ from .tracking import Tracker, flatten, start_run
 from .train_loop import train_loop_per_worker
 
 
+# worker prints reach the terminal once (Ray Train's print patch would log them a second time)
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
 class RunStopped(Exception):
     """The run ended early (non-finite loss, too much bad data, a stop request)."""
 
@@ -41,6 +45,7 @@ def init_ray(spec: JobSpec) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.update(WORKER_ENV)
     if spec.scaling.ray_address:
         ray.init(address=spec.scaling.ray_address, log_to_driver=True)
     else:
@@ -159,6 +164,7 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             callbacks=tune_callbacks,
+            worker_runtime_env={"env_vars": WORKER_ENV},
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -185,8 +191,8 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
         tracker = Tracker(uri, run_id)
         tracker.log_metrics({"data_rows_seen": stats["rows_seen"],
                              "data_rows_bad": stats["rows_bad"]}, int(final.get("step", steps)))
-        status = "FINISHED" if not (reason or final.get("stop_reason")) else "KILLED"
-        if final.get("stop_reason", "").startswith("non-finite"):
+        status = "FINISHED" if not reason else "KILLED"
+        if reason and reason.startswith("nonfinite"):
             status = "FAILED"
         tracker.end(status)
     ray.kill(control)
@@ -199,9 +205,9 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             print(f"  {k}: {v:.4f}")
     print(f"checkpoint: {checkpoint_uri}")
     print(f"mlflow run: {run_id}")
-    if final.get("stop_reason", "").startswith("non-finite"):
-        raise RunStopped(f"{final['stop_reason']}: the run stopped; the last good checkpoint is "
-                         f"{checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)")
+    if reason and reason.startswith("nonfinite"):
+        raise RunStopped(f"{reason.split(': ', 1)[1]}: the run stopped; the last good checkpoint "
+                         f"is {checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)")
     if reason == "data":
         raise RunStopped(_data_message(stats, spec), exit_code=2)
     if reason == "signal":

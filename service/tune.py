@@ -96,13 +96,15 @@ def param_space(sweep: SweepSection) -> dict[str, Any]:
 
 
 def search_algorithm(sweep: SweepSection, seed: int):
+    """(search algorithm, max_concurrent_trials for TuneConfig). Tune ignores
+    max_concurrent_trials for a BasicVariantGenerator instance: it takes its own limit."""
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=seed)
+        return OptunaSearch(seed=seed), sweep.max_concurrent
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=sweep.max_concurrent), None
 
 
 def scheduler(sweep: SweepSection, spec: JobSpec):
@@ -388,13 +390,14 @@ def run_sweep(spec: JobSpec):
               "the search space of the first start applies)", flush=True)
         tuner = Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
+        search_alg, max_concurrent_trials = search_algorithm(sweep, spec.run.seed)
         tuner = Tuner(
             trainable,
             param_space=param_space(sweep),
             tune_config=TuneConfig(
                 num_samples=sweep.resolved_num_samples,
-                max_concurrent_trials=sweep.max_concurrent,
-                search_alg=search_algorithm(sweep, spec.run.seed),
+                max_concurrent_trials=max_concurrent_trials,
+                search_alg=search_alg,
                 scheduler=scheduler(sweep, spec),
                 metric=sweep.metric,
                 mode=mode,

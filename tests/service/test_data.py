@@ -122,6 +122,23 @@ def test_resolve_local_folder_glob_and_file(synth_parquet):
     assert D.count_rows(synth_parquet, None) == SYNTH_ROWS
 
 
+def test_markers_and_hidden_files_are_skipped(tmp_path, synth_parquet):
+    import shutil
+
+    folder = tmp_path / "ds"
+    shutil.copytree(synth_parquet, folder)
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / "_manifest.json").write_text("{}")
+    (folder / ".shard-00009.parquet").write_bytes(b"half written")
+    (folder / "_tmp").mkdir()
+    (folder / "_tmp" / "x.parquet").write_bytes(b"half written")
+    (folder / "README.md").write_text("hello")
+    want = [str(folder / f"shard-0000{i}.parquet") for i in range(3)]
+    assert D.resolve_source(str(folder), None)[0] == want
+    assert D.resolve_source(str(folder / "*"), None)[0] == want
+    assert D.resolve_source(str(folder / "*.md"), None)[0] == [str(folder / "README.md")]
+
+
 def test_local_errors_are_one_line(tmp_path, synth_parquet):
     cases = {
         str(tmp_path / "nope"): "data.train: no such file or directory",

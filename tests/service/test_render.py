@@ -65,7 +65,9 @@ def test_rendered_manifests_validate(spec_path):
         docs = _docs(spec_path, overrides, active_deadline_seconds=7200)
         assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
         for doc in docs:
-            assert validate_manifest(doc) == [], f"{overrides}: " + "\n".join(validate_manifest(doc))
+            assert validate_manifest(doc) == [], f"{overrides}: " + "\n".join(
+                validate_manifest(doc)
+            )
 
 
 def test_rayjob_shape(spec_path):
@@ -116,7 +118,10 @@ def test_spec_travels_in_a_configmap_mounted_at_config(spec_path):
     assert shipped.scaling.num_workers == 3
     assert shipped.scaling.ray_address == "auto"  # joins the RayJob's cluster
     cluster = job["spec"]["rayClusterSpec"]
-    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+    for template in (
+        cluster["headGroupSpec"]["template"],
+        cluster["workerGroupSpecs"][0]["template"],
+    ):
         pod = template["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/config"]
@@ -151,7 +156,10 @@ def test_pods_follow_the_house_rules(spec_path):
 def test_env_comes_from_the_spec(spec_path):
     _, job = _docs(spec_path)
     cluster = job["spec"]["rayClusterSpec"]
-    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+    for template in (
+        cluster["headGroupSpec"]["template"],
+        cluster["workerGroupSpecs"][0]["template"],
+    ):
         env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.maskclip.svc:5000"
         assert env["AWS_ENDPOINT_URL"] == "https://s3.eu-west-1.amazonaws.com"

@@ -1,0 +1,425 @@
+"""End-to-end pipeline benchmark: Ray Train + Ray Data against a bare PyTorch loop (CPU).
+
+    .venv/bin/python benchmarks/pipeline.py             # defaults: 2000 (and 20000) rows, 40 steps
+    .venv/bin/python benchmarks/pipeline.py --quick     # smoke run: small numbers, ~2 min
+    .venv/bin/python benchmarks/pipeline.py --rows 4000 --steps 60 --batch-size 64
+
+Everything lives in a temporary folder (data, runs, checkpoints, an sqlite MLflow store) that is
+removed at the end. The data are `--rows` synthetic 32 px rows (service.datasets.synth); the
+10x dataset repeats those shards ten times (same shard size, ten times the shards and rows).
+
+1. Training throughput, Ray / bare. Bare: MaskCLIPTask (maskclip_tiny, efficient mode) with the
+   service's AdamW, schedule, grad clipping and EMA update, over pre-decoded batches in memory,
+   with as many torch threads as the Ray Train worker gets (OMP_NUM_THREADS, else
+   floor(scaling.cpus_per_worker), min 1: what Ray sets for the worker). Ray: `run_job` on the
+   10x dataset with one worker; samples/s per log interval from the wall-clock timestamps of the
+   metrics rank 0 logs to MLflow (so logging overhead counts), median over the intervals after
+   the first log. Both measure `--steps` steps after warm-up.
+2. Ray Data decode rows/s (`build_dataset(spec, "train")` iterated alone with iter_batches,
+   after warm-up batches) / the bare loop's samples/s.
+3. Peak RSS of the process tree (driver + Ray processes, RSS summed over psutil children every
+   0.2 s) of a fresh subprocess that starts Ray and streams the whole 10x dataset through the
+   pipeline, over the same for the 1x dataset.
+
+The numbers are noisy on a loaded machine (the load average is printed). The last three lines
+are for scripts: `ray/bare throughput ratio: X.XX`, `data/train throughput ratio: X.XX`,
+`rss 10x/1x ratio: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MARK = "PIPELINE_BENCH_RSS "
+RUN_NAME = "bench-pipeline"
+EXPERIMENT = "bench-pipeline"
+
+
+# ---------------------------------------------------------------- data and spec
+
+
+def make_data(root: Path, rows: int, rows_per_shard: int) -> tuple[Path, Path]:
+    """`rows` synthetic rows in root/x1; root/x10 holds each of its shards ten times."""
+    from service.datasets import synth
+
+    x1, x10 = root / "x1", root / "x10"
+    synth(str(x1), rows=rows, image_size=32, rows_per_shard=rows_per_shard, progress=False)
+    x10.mkdir()
+    shards = sorted(x1.glob("*.parquet"))
+    for copy in range(10):
+        for i, shard in enumerate(shards):
+            shutil.copyfile(shard, x10 / f"part-{copy * len(shards) + i:05d}.parquet")
+    return x1, x10
+
+
+def make_spec(root: Path, train: Path, args, total_steps: int):
+    from service.spec import build_spec
+
+    return build_spec(
+        {
+            "run": {"name": RUN_NAME, "output_dir": str(root / "runs"), "seed": 0},
+            "model": {"size": "maskclip_tiny", "mode": "efficient", "vocab_size": 1000},
+            "data": {"train": str(train)},
+            "optim": {
+                "batch_size": args.batch_size,
+                "max_steps": total_steps,
+                "log_every": args.log_every,
+            },
+            "scaling": {"num_workers": 1},
+            # no checkpoint inside the measured steps (the bare loop writes none)
+            "checkpoint": {"storage_path": str(root / "checkpoints"), "every_steps": 10**9},
+            "tracking": {
+                "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                "experiment": EXPERIMENT,
+            },
+        }
+    )
+
+
+def worker_threads(spec) -> int:
+    """Torch threads of the Ray Train worker: Ray sets OMP_NUM_THREADS from its CPUs."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, math.floor(spec.scaling.cpus_per_worker))
+
+
+# ---------------------------------------------------------------- 1. bare loop
+
+
+def predecoded_batches(spec, tokenizer_json: str, n_batches: int):
+    """The first rows of data.train decoded by the pipeline's own DecodeBatch (train transform)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from service.data import DecodeBatch, resolve_source
+
+    d, b = spec.data, spec.optim.batch_size
+    decoder = DecodeBatch(
+        image_column=d.image_column,
+        caption_column=d.caption_column,
+        label_column=None,
+        tokenizer_json=tokenizer_json,
+        image_size=spec.image_size,
+        train=True,
+        max_pixels=d.max_image_pixels,
+        max_caption_chars=d.max_caption_chars,
+        stats_actor_name=None,
+        keep_caption=False,
+    )
+    images, tokens = [], []
+    paths, _ = resolve_source(d.train, spec.storage)
+    for path in paths:
+        for rb in pq.ParquetFile(path).iter_batches(
+            batch_size=b, columns=[d.image_column, d.caption_column]
+        ):
+            cols = {
+                name: rb.column(name).to_numpy(zero_copy_only=False) for name in rb.schema.names
+            }
+            for out in decoder(cols):
+                images.append(torch.from_numpy(out["image"]))
+                tokens.append(torch.from_numpy(out["tokens"]))
+            if sum(len(x) for x in images) >= n_batches * b:
+                break
+        if sum(len(x) for x in images) >= n_batches * b:
+            break
+    images_all, tokens_all = torch.cat(images), torch.cat(tokens)
+    n = len(images_all) // b
+    if n < 1:
+        raise SystemExit(f"need at least {b} rows for one batch (got {len(images_all)})")
+    return [(images_all[i * b : (i + 1) * b], tokens_all[i * b : (i + 1) * b]) for i in range(n)]
+
+
+def bare_throughput(spec, tokenizer_json: str, steps: int, warmup: int, threads: int) -> float:
+    """Samples/s of the per-worker loop's work (train_loop.py) without Ray, after warm-up."""
+    import torch
+
+    from maskclip import MaskCLIPTask
+    from maskclip.tokenizer import Tokenizer
+    from service.train_loop import build_optimizer, build_scheduler, seed_everything
+
+    torch.set_num_threads(threads)
+    tok = Tokenizer.from_json(tokenizer_json)
+    batches = predecoded_batches(spec, tokenizer_json, n_batches=8)
+    seed_everything(spec.run.seed * 1000)
+    total = warmup + steps
+    task = MaskCLIPTask(
+        spec.model_config_for(tok.vocab_size), tok.special_ids, tok.mask_id, pad_id=tok.pad_id
+    )
+    optimizer = build_optimizer(task, spec)
+    scheduler = build_scheduler(optimizer, spec, total)
+    gen = torch.Generator().manual_seed(spec.run.seed * 1000)
+    task.train()
+    t0 = samples = 0
+    for step in range(total):
+        if step == warmup:
+            t0, samples = time.perf_counter(), 0
+        images, tokens = batches[step % len(batches)]
+        loss, _ = task.training_forward(images, tokens, gen)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"bare loop: non-finite loss at step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(task.student.parameters(), spec.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        task.update_teacher(step + 1, total)
+        samples += images.shape[0]
+    return samples / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- 2. Ray Data alone
+
+
+def data_throughput(spec, tokenizer_json: str, warmup_batches: int) -> tuple[float, int]:
+    """Rows/s of build_dataset(spec, "train") iterated alone, after `warmup_batches`."""
+    from service import data
+
+    ds = data.build_dataset(spec, "train", tokenizer_json, None)
+    rows = 0
+    t0 = None
+    for i, batch in enumerate(ds.iter_batches(batch_size=spec.optim.batch_size)):
+        if i == warmup_batches:
+            t0, rows = time.perf_counter(), 0
+        rows += len(batch["image"])
+    if t0 is None:
+        raise SystemExit(f"data: fewer than {warmup_batches + 1} batches; use more --rows")
+    return rows / (time.perf_counter() - t0), rows
+
+
+# ---------------------------------------------------------------- 1. Ray Train
+
+
+def ray_throughput(spec) -> tuple[float, float, int]:
+    """run_job, then (median samples/s from metric timestamps, median logged samples_per_s,
+    number of intervals), skipping everything before the first log."""
+    import mlflow
+
+    from service.trainer import run_job
+
+    run_job(spec)
+    client = mlflow.MlflowClient(tracking_uri=spec.tracking_uri())
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    run = client.search_runs([exp.experiment_id], max_results=1)[0]
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "samples_per_s"), key=lambda m: m.step
+    )
+    if len(history) < 2:
+        raise SystemExit(f"ray: only {len(history)} samples_per_s metrics; use more --steps")
+    rates, logged = [], []
+    for prev, cur in zip(history, history[1:]):
+        dt = (cur.timestamp - prev.timestamp) / 1000
+        rates.append((cur.step - prev.step) * spec.optim.batch_size / max(dt, 1e-3))
+        logged.append(cur.value)
+    return statistics.median(rates), statistics.median(logged), len(rates)
+
+
+# ---------------------------------------------------------------- 3. peak RSS (subprocess)
+
+
+class TreeRSS:
+    """Samples the summed RSS of this process and all its descendants every `interval` s."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.me = psutil.Process()
+        self.interval = interval
+        self.peak = self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        total = n = 0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+                n += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        if total > self.peak:
+            self.peak, self.peak_procs = total, n
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def rss_child(args) -> None:
+    """Fresh process: start Ray, stream the whole dataset, print the tree's peak RSS."""
+    import ray
+
+    from service import data
+    from service.trainer import init_ray
+
+    root = Path(args.rss_child)
+    spec = make_spec(root.parent, root, args, total_steps=1)
+    tokenizer_json = Path(args.tokenizer).read_text(encoding="utf-8")
+    t = time.perf_counter()
+    with TreeRSS() as rss:
+        init_ray(spec)
+        ds = data.build_dataset(spec, "train", tokenizer_json, None)
+        rows = sum(len(b["image"]) for b in ds.iter_batches(batch_size=spec.optim.batch_size))
+        rss.sample()
+        ray.shutdown()
+    result = {
+        "rows": rows,
+        "peak_rss": rss.peak,
+        "procs": rss.peak_procs,
+        "seconds": time.perf_counter() - t,
+    }
+    print(MARK + json.dumps(result), flush=True)
+
+
+def run_rss_child(data_dir: Path, tokenizer: Path, args) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--rss-child",
+        str(data_dir),
+        "--tokenizer",
+        str(tokenizer),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK) :])
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    raise SystemExit(f"rss subprocess for {data_dir} failed (exit {proc.returncode}):\n{tail}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def load() -> str:
+    return (
+        "load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        + f" on {os.cpu_count()} CPUs"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", type=int, default=None, help="rows of the 1x dataset (default 2000)")
+    ap.add_argument("--steps", type=int, default=None, help="measured training steps (default 40)")
+    ap.add_argument("--batch-size", type=int, default=None, help="per step (default 64)")
+    ap.add_argument("--log-every", type=int, default=None, help="Ray run log interval (default 10)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 300 rows, 10 steps, batch 32")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    quick = {"rows": 300, "steps": 10, "batch_size": 32, "log_every": 5}
+    full = {"rows": 2000, "steps": 40, "batch_size": 64, "log_every": 10}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.rss_child:
+        rss_child(args)
+        return
+
+    # whole log intervals, and one more interval of warm-up before the first log
+    args.steps = max(args.log_every, math.ceil(args.steps / args.log_every) * args.log_every)
+    ray_steps = args.steps + args.log_every
+    warmup_steps = min(5, args.steps)
+    root = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    t_start = time.perf_counter()
+    try:
+        print(f"{load()}; temp folder {root}", flush=True)
+        x1, x10 = make_data(root, args.rows, rows_per_shard=max(1, args.rows // 2))
+        print(
+            f"data: {args.rows} rows in {x1}, {10 * args.rows} rows in {x10} "
+            f"({time.perf_counter() - t_start:.0f} s)",
+            flush=True,
+        )
+        if 10 * args.rows < ray_steps * args.batch_size:
+            print(
+                f"note: the Ray run ({ray_steps} steps x {args.batch_size}) spans more than one "
+                f"epoch of {10 * args.rows} rows; epoch restarts count in its throughput"
+            )
+        spec = make_spec(root, x10, args, ray_steps)
+
+        from service.trainer import init_ray, prepare_tokenizer
+
+        tokenizer_json = prepare_tokenizer(spec, None)  # what run_job trains too
+        tokenizer = root / "tokenizer.json"
+        tokenizer.write_text(tokenizer_json, encoding="utf-8")
+
+        threads = worker_threads(spec)
+        bare = bare_throughput(spec, tokenizer_json, args.steps, warmup_steps, threads)
+        print(
+            f"\nbare loop: {bare:.1f} samples/s ({args.steps} steps after {warmup_steps} "
+            f"warm-up, batch {args.batch_size}, {threads} torch thread(s)); {load()}",
+            flush=True,
+        )
+
+        init_ray(spec)
+        data_rate, data_rows = data_throughput(spec, tokenizer_json, warmup_batches=5)
+        print(
+            f"\nRay Data alone: {data_rate:.1f} rows/s ({data_rows} rows after 5 warm-up "
+            f"batches); {load()}",
+            flush=True,
+        )
+
+        ray_rate, ray_logged, intervals = ray_throughput(spec)
+        print(
+            f"\nRay Train: {ray_rate:.1f} samples/s (median of {intervals} log intervals of "
+            f"{args.log_every} steps, from metric timestamps; the logged samples_per_s median "
+            f"is {ray_logged:.1f}); {load()}",
+            flush=True,
+        )
+        import ray
+
+        ray.shutdown()
+
+        small = run_rss_child(x1, tokenizer, args)
+        large = run_rss_child(x10, tokenizer, args)
+        for name, r in (("1x", small), ("10x", large)):
+            print(
+                f"\npeak RSS {name}: {r['peak_rss'] / 2**20:.0f} MiB over {r['procs']} "
+                f"processes, {r['rows']} rows streamed in {r['seconds']:.0f} s"
+            )
+        print(f"\ntotal {time.perf_counter() - t_start:.0f} s; {load()}")
+        print("\nray/bare: Ray Train samples/s / bare loop samples/s (target >= 0.95)")
+        print("data/train: Ray Data rows/s alone / bare loop samples/s (target >= 3)")
+        print("rss 10x/1x: peak process-tree RSS streaming 10x rows / 1x rows (target <= 1.2)")
+        print(f"ray/bare throughput ratio: {ray_rate / bare:.2f}")
+        print(f"data/train throughput ratio: {data_rate / bare:.2f}")
+        print(f"rss 10x/1x ratio: {large['peak_rss'] / small['peak_rss']:.2f}", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`maskclip eval RUN_OR_CHECKPOINT ...`: zero-shot, retrieval and linear probe of a checkpoint.
+
+maskclip eval runs/checkpoints/quickstart --zero-shot data/shapes/val --retrieval data/shapes/val
+maskclip eval runs:/<mlflow run id> --zero-shot data/fmnist/test --linear-probe data/fmnist
+maskclip eval s3://bucket/ckpts/myrun --zero-shot s3://bucket/data/val --no-mlflow
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .errors import UserError
+
+_LABELS = {
+    "zero_shot_top1": ("zero-shot top-1", "zero_shot"),
+    "zero_shot_top5": ("zero-shot top-5", "zero_shot"),
+    "linear_probe_top1": ("linear-probe top-1", "linear_probe_test"),
+}
+
+
+def _label(name: str) -> tuple[str, str]:
+    if name in _LABELS:
+        return _LABELS[name]
+    if name.startswith(("image_to_text_", "text_to_image_")):
+        direction, k = name.rsplit("_", 1)
+        return f"{direction.replace('_to_', '->').replace('image', 'img')} {k}", "retrieval"
+    return name, ""
+
+
+def format_result(result: dict) -> str:
+    ck = result["checkpoint"]
+    step = "" if ck["step"] is None else f" step {ck['step']}"
+    lines = [f"evaluated {ck['ref']} ({ck['kind']}{step}: {ck['path']})", ""]
+    lines.append(f"  {'metric':<22} {'value':>7} {'rows':>7}")
+    for name, value in result["metrics"].items():
+        label, rows_key = _label(name)
+        rows = result["rows"].get(rows_key, "")
+        lines.append(f"  {label:<22} {value:>7.3f} {rows!s:>7}")
+    zs = result.get("zero_shot")
+    if zs and len(zs["class_names"]) <= 20:
+        names = [n[:10] for n in zs["class_names"]]
+        lines += ["", "  zero-shot confusion matrix (rows: true, columns: predicted)"]
+        lines.append("  " + " " * 11 + " ".join(f"{i:>5}" for i in range(len(names))))
+        for i, (n, row) in enumerate(zip(names, zs["confusion_matrix"])):
+            lines.append(f"  {i:>2} {n:<8}" + " ".join(f"{c:>5}" for c in row))
+    lines.append("")
+    m = result["metrics"]
+    if "zero_shot_top1" in m:
+        lines.append(f"zero-shot top-1: {m['zero_shot_top1']:.3f}")
+    if "linear_probe_top1" in m:
+        lines.append(f"linear-probe top-1: {m['linear_probe_top1']:.3f}")
+    ml = result.get("mlflow") or {}
+    if ml.get("logged"):
+        lines.append(f"mlflow run: {ml['run_id']} ({ml['uri']})")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    if not (args.zero_shot or args.retrieval or args.linear_probe):
+        raise UserError("give at least one of --zero-shot, --retrieval, --linear-probe")
+    result = evaluate(
+        args.ref,
+        zero_shot=args.zero_shot,
+        retrieval=args.retrieval,
+        linear_probe=args.linear_probe,
+        templates=args.templates,
+        batch_size=args.batch_size,
+        max_rows=args.max_rows,
+        probe_rows=args.probe_rows,
+        endpoint_url=args.endpoint_url,
+        tracking_uri=args.tracking_uri,
+        log_mlflow=args.mlflow,
+        device=args.device,
+    )
+    print(format_result(result), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint: zero-shot, retrieval, linear probe",
+        description="RUN_OR_CHECKPOINT: a checkpoint folder, a run folder (newest checkpoint), "
+        "s3://..., runs:/<mlflow run id> or a bare MLflow run id, or a model/ artifact folder.",
+    )
+    p.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--zero-shot", metavar="DATA", help="labelled Parquet data (label column)")
+    p.add_argument("--retrieval", metavar="DATA", help="Parquet image-caption pairs")
+    p.add_argument("--linear-probe", metavar="ROOT", help="a dataset root with train/ and test/")
+    p.add_argument("--templates", metavar="FILE", help="zero-shot prompts, one per line with {}")
+    p.add_argument(
+        "--max-rows",
+        type=_positive,
+        default=None,
+        help="cap every split (default: all rows; retrieval 5000)",
+    )
+    p.add_argument(
+        "--probe-rows",
+        type=_positive,
+        default=None,
+        help="cap the linear probe's train split (default: --max-rows or all)",
+    )
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default $MLFLOW_TRACKING_URI, else the run's own store)",
+    )
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log nothing")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default $AWS_ENDPOINT_URL)")
+    p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,232 @@
+"""`maskclip eval` / service.evaluation on a checkpoint built without Ray (nano model)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskclip import MaskCLIPTask
+from maskclip.synthetic import class_names, generate, prompt_templates
+from maskclip.tokenizer import Tokenizer
+from service import checkpoint as ckpt
+from service.cli import main
+from service.datasets import write_shards
+from service.evaluation import evaluate, resolve_checkpoint
+from service.spec import build_spec
+
+
+def _spec(tmp: Path, data: str):
+    return build_spec(
+        {
+            "run": {"name": "evaltest", "output_dir": str(tmp / "runs")},
+            "model": {"size": "maskclip_nano", "vocab_size": 300},
+            "data": {"train": data},
+            "optim": {"batch_size": 8, "max_steps": 4, "warmup_steps": 1},
+            "tracking": {"enabled": False},
+        }
+    )
+
+
+def _save(directory: Path, spec, tok: Tokenizer, step: int = 3, run_id: str | None = None):
+    torch.manual_seed(0)
+    cfg = spec.model_config_for(tok.vocab_size)
+    task = MaskCLIPTask(cfg, tok.special_ids, tok.mask_id, pad_id=tok.pad_id)
+    opt = torch.optim.AdamW(task.student.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt.save(directory, task, opt, sched, step, 0, tok.to_json(), spec.to_yaml(), run_id)
+    return task
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A labelled dataset root (train/ 96 rows, test/ 48 rows) and a saved nano checkpoint."""
+    tmp = tmp_path_factory.mktemp("evalworld")
+    root = tmp / "shapes"
+    write_shards(iter(generate(96, 32, seed=0)), str(root / "train"), 48, progress=False)
+    write_shards(iter(generate(48, 32, seed=0, start=96)), str(root / "test"), 48, progress=False)
+    rows = generate(96, 32, seed=0)
+    tok = Tokenizer.train([r["caption"] for r in rows], vocab_size=300, context_length=32)
+    spec = _spec(tmp, str(root / "train"))
+    run_dir = tmp / "checkpoints" / "evaltest"
+    task = _save(run_dir / "checkpoint_000000", spec, tok)
+    return {
+        "tmp": tmp,
+        "root": root,
+        "test": str(root / "test"),
+        "tok": tok,
+        "spec": spec,
+        "run_dir": run_dir,
+        "ckpt": str(run_dir / "checkpoint_000000"),
+        "task": task,
+    }
+
+
+def _in_unit(metrics: dict) -> None:
+    for k, v in metrics.items():
+        assert 0.0 <= v <= 1.0, (k, v)
+
+
+def test_evaluate_all_metrics(world):
+    r = evaluate(
+        world["ckpt"],
+        zero_shot=world["test"],
+        retrieval=world["test"],
+        linear_probe=str(world["root"]),
+        batch_size=32,
+        log_mlflow=False,
+    )
+    m = r["metrics"]
+    for key in (
+        "zero_shot_top1",
+        "zero_shot_top5",
+        "image_to_text_R@1",
+        "text_to_image_R@10",
+        "linear_probe_top1",
+    ):
+        assert key in m
+    _in_unit(m)
+    assert m["zero_shot_top5"] >= m["zero_shot_top1"]
+    assert r["rows"] == {
+        "zero_shot": 48,
+        "retrieval": 48,
+        "linear_probe_train": 96,
+        "linear_probe_test": 48,
+    }
+    cm = r["zero_shot"]["confusion_matrix"]
+    assert sum(map(sum, cm)) == 48 and set(r["zero_shot"]["class_names"]) <= set(class_names())
+    assert r["checkpoint"]["step"] == 3
+    # max_rows caps every split; a separate retrieval set is read on its own
+    r2 = evaluate(
+        world["ckpt"], retrieval=str(world["root"] / "train"), max_rows=20, log_mlflow=False
+    )
+    assert r2["rows"] == {"retrieval": 20}
+    _in_unit(r2["metrics"])
+
+
+def test_run_folder_picks_newest_complete(world, tmp_path):
+    run = tmp_path / "run"
+    for name, step in (
+        ("checkpoint_000000", 1),
+        ("checkpoint_000001", 7),
+        ("checkpoint_000002", 9),
+    ):
+        shutil.copytree(world["ckpt"], run / name)
+        meta = json.loads((run / name / "meta.json").read_text())
+        (run / name / "meta.json").write_text(json.dumps({**meta, "step": step}))
+    (run / "checkpoint_000002" / "meta.json").unlink()  # an interrupted write: never picked
+    assert Path(resolve_checkpoint(str(run))).name == "checkpoint_000001"
+
+
+def test_model_artifact_folder_matches_checkpoint(world, tmp_path):
+    """A `model/` artifact folder (no meta.json) loads with the config rebuilt from job.yaml."""
+    model = tmp_path / "artifacts" / "model"
+    model.mkdir(parents=True)
+    torch.save(world["task"].student.state_dict(), model / "student.pt")
+    (model / "tokenizer.json").write_text(world["tok"].to_json())
+    (model / "job.yaml").write_text(world["spec"].to_yaml())
+    a = evaluate(world["ckpt"], zero_shot=world["test"], log_mlflow=False)
+    b = evaluate(str(model.parent), zero_shot=world["test"], log_mlflow=False)
+    assert b["checkpoint"]["kind"] == "model"
+    assert a["metrics"] == b["metrics"]
+
+
+def test_tokenizer_round_trips_with_checkpoint(world):
+    _, tok, _ = ckpt.load_for_eval(world["ckpt"])
+    prompts = [t.format(c) for c in class_names() for t in prompt_templates()]
+    assert torch.equal(tok.encode(prompts), world["tok"].encode(prompts))
+    assert tok.vocab_size == world["tok"].vocab_size and tok.special_ids == world["tok"].special_ids
+
+
+def test_cli_prints_zero_shot_line(world, capsys):
+    rc = main(
+        [
+            "eval",
+            world["ckpt"],
+            "--zero-shot",
+            world["test"],
+            "--retrieval",
+            world["test"],
+            "--no-mlflow",
+            "--batch-size",
+            "16",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"^zero-shot top-1: \d\.\d{3}$", out, re.M), out
+
+
+@pytest.mark.parametrize("ref", ["does/not/exist", "s3:/", "ftp://x/y", "EMPTY"])
+def test_cli_bad_reference_exits_2(world, capsys, tmp_path, ref):
+    if ref == "EMPTY":
+        ref = str(tmp_path)
+    rc = main(["eval", ref, "--zero-shot", world["test"], "--no-mlflow"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_bad_templates_and_missing_labels_exit_2(world, tmp_path, capsys):
+    bad = tmp_path / "t.txt"
+    bad.write_text("a photo of a thing\n")
+    assert (
+        main(
+            [
+                "eval",
+                world["ckpt"],
+                "--zero-shot",
+                world["test"],
+                "--templates",
+                str(bad),
+                "--no-mlflow",
+            ]
+        )
+        == 2
+    )
+    nolabel = tmp_path / "nolabel"
+    rows = [{k: v for k, v in r.items() if k != "label"} for r in generate(8, 32)]
+    write_shards(iter(rows), str(nolabel), progress=False)
+    assert main(["eval", world["ckpt"], "--zero-shot", str(nolabel), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "label" in err and "{}" in err
+
+
+def test_mlflow_logs_into_evaluated_run_and_survives_down_server(
+    world, tmp_path, monkeypatch, capsys
+):
+    import mlflow
+
+    from service.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "evaltest", "evaltest", {}, {})
+    assert run_id
+    d = tmp_path / "ck"
+    _save(d, world["spec"], world["tok"], step=5, run_id=run_id)
+    r = evaluate(str(d), zero_shot=world["test"], tracking_uri=uri)
+    assert r["mlflow"] == {"uri": uri, "run_id": run_id, "logged": True}
+    client = mlflow.MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["eval_zero_shot_top1"] == pytest.approx(r["metrics"]["zero_shot_top1"])
+    arts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert "eval/zero_shot_confusion.png" in arts
+
+    # a checkpoint without a run id gets a new eval run, tagged with its source
+    r2 = evaluate(world["ckpt"], zero_shot=world["test"], tracking_uri=uri)
+    tags = client.get_run(r2["mlflow"]["run_id"]).data.tags
+    assert (
+        r2["mlflow"]["run_id"] != run_id and tags["maskclip.evaluated_checkpoint"] == world["ckpt"]
+    )
+
+    # a server that does not answer: one warning, the evaluation still returns
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    capsys.readouterr()
+    r3 = evaluate(world["ckpt"], zero_shot=world["test"], tracking_uri="http://127.0.0.1:9")
+    assert not r3["mlflow"]["logged"] and "zero_shot_top1" in r3["metrics"]
+    assert capsys.readouterr().err.count("warning: MLflow") == 1
