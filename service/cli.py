@@ -1,9 +1,9 @@
 """`maskclip` command line: thin — parse arguments, call one function, map errors to exit 2.
 
-    maskclip run jobs/quickstart.yaml [--set optim.max_steps=200 ...]
-    maskclip validate jobs/s3.yaml            maskclip schema > jobspec.schema.json
-    maskclip sweep jobs/sweep.yaml            maskclip data synth --out data/shapes
-    maskclip submit | status | logs | stop | list | render    (Ray cluster / KubeRay)
+maskclip run jobs/quickstart.yaml [--set optim.max_steps=200 ...]
+maskclip validate jobs/s3.yaml            maskclip schema > jobspec.schema.json
+maskclip sweep jobs/sweep.yaml            maskclip data synth --out data/shapes
+maskclip submit | status | logs | stop | list | render    (Ray cluster / KubeRay)
 """
 
 from __future__ import annotations

@@ -218,7 +218,9 @@ class JobSpec(Section):
         return self.model.context_length or get_config(self.model.size).text.context_length
 
     def storage_path(self) -> str:
-        return self.checkpoint.storage_path or str(Path(self.run.output_dir).resolve() / "checkpoints")
+        return self.checkpoint.storage_path or str(
+            Path(self.run.output_dir).resolve() / "checkpoints"
+        )
 
     def tracking_uri(self, env: dict[str, str] | None = None) -> str:
         import os
@@ -314,7 +316,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         raise SpecError(f"{path}: the spec file is empty")
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: the spec must be a mapping of sections (got {type(data).__name__})")
+        raise SpecError(
+            f"{path}: the spec must be a mapping of sections (got {type(data).__name__})"
+        )
     return data
 
 
@@ -353,4 +357,3 @@ def check_inputs(spec: JobSpec) -> None:
 
 def json_schema() -> dict[str, Any]:
     return JobSpec.model_json_schema()
-

@@ -63,7 +63,9 @@ class Distribution(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Distribution:
-        set_ = [k for k in ("uniform", "loguniform", "choice", "grid") if getattr(self, k) is not None]
+        set_ = [
+            k for k in ("uniform", "loguniform", "choice", "grid") if getattr(self, k) is not None
+        ]
         if len(set_) != 1:
             raise ValueError("give exactly one of uniform, loguniform, choice, grid")
         kind = set_[0]
@@ -79,7 +81,9 @@ class Distribution(_Strict):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("uniform", "loguniform", "choice", "grid") if getattr(self, k) is not None)
+        return next(
+            k for k in ("uniform", "loguniform", "choice", "grid") if getattr(self, k) is not None
+        )
 
     def values_to_check(self) -> list[Any]:
         """Bounds of a range, every value of a list: each must make a valid spec."""
@@ -186,8 +190,10 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
     if not sweep.parameters:
         problems.append("sweep.parameters: give at least one parameter to sweep")
     if len(spec.run.name) > 63 - TRIAL_SUFFIX_LEN:
-        problems.append(f"run.name: at most {63 - TRIAL_SUFFIX_LEN} characters for a sweep (trial "
-                        f"runs are named <run.name>-<trial id>) (got {spec.run.name!r})")
+        problems.append(
+            f"run.name: at most {63 - TRIAL_SUFFIX_LEN} characters for a sweep (trial "
+            f"runs are named <run.name>-<trial id>) (got {spec.run.name!r})"
+        )
     base = spec.model_dump(mode="json")
     base["sweep"] = None
     for path, dist in sweep.parameters.items():
@@ -206,17 +212,21 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
             try:
                 rebuild_spec(apply_overrides(copy.deepcopy(base), [override(path, value)]))
             except SpecError as e:
-                problems.append(f"{where}: {dist.kind} value {value!r} makes an invalid spec: "
-                                f"{e.lines[0]}")
+                problems.append(
+                    f"{where}: {dist.kind} value {value!r} makes an invalid spec: {e.lines[0]}"
+                )
                 break
 
     if sweep.search == "optuna" and importlib.util.find_spec("optuna") is None:
-        problems.append("sweep.search: optuna is not installed (pip install optuna); use random "
-                        "or grid")
+        problems.append(
+            "sweep.search: optuna is not installed (pip install optuna); use random or grid"
+        )
     metric = sweep.metric
     if metric not in TRAIN_METRICS + VAL_METRICS:
-        problems.append(f"sweep.metric: not a reported metric; choose one of "
-                        f"{', '.join(TRAIN_METRICS + VAL_METRICS)} (got {metric!r})")
+        problems.append(
+            f"sweep.metric: not a reported metric; choose one of "
+            f"{', '.join(TRAIN_METRICS + VAL_METRICS)} (got {metric!r})"
+        )
     elif metric.startswith("val_") and spec.data.val is None:
         problems.append(f"sweep.metric: {metric} needs validation data; set data.val")
     if sweep.scheduler == "asha":
@@ -227,8 +237,10 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
         elif grace > max_t:
             problems.append(f"sweep.asha.grace_period: must not exceed max_t {max_t} (got {grace})")
         if spec.checkpoint.every_steps >= (spec.optim.max_steps or math.inf):
-            problems.append("sweep.scheduler: asha decides at checkpoints; set "
-                            "checkpoint.every_steps below optim.max_steps")
+            problems.append(
+                "sweep.scheduler: asha decides at checkpoints; set "
+                "checkpoint.every_steps below optim.max_steps"
+            )
     if problems:
         raise SpecError(problems)
     return sweep

@@ -76,8 +76,11 @@ def start_run(
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking must never stop training
-        print(f"warning: MLflow at {uri} unavailable ({type(e).__name__}); training continues "
-              "without tracking", file=sys.stderr)
+        print(
+            f"warning: MLflow at {uri} unavailable ({type(e).__name__}); training continues "
+            "without tracking",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -108,8 +111,11 @@ class Tracker:
 
     def _warn(self, what: str, err: Exception) -> None:
         if not self._warned:
-            print(f"warning: MLflow {what} failed ({type(err).__name__}: {str(err)[:120]}); "
-                  "metrics are buffered and training continues", file=sys.stderr)
+            print(
+                f"warning: MLflow {what} failed ({type(err).__name__}: {str(err)[:120]}); "
+                "metrics are buffered and training continues",
+                file=sys.stderr,
+            )
             self._warned = True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

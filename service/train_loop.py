@@ -75,13 +75,15 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(spec.run.seed * 1000 + rank)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+    torch.set_num_threads(
+        max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    )
 
     # --- model, optimiser, schedule
     cfg = spec.model_config_for(tokenizer.vocab_size)
-    task = MaskCLIPTask(
-        cfg, tokenizer.special_ids, tokenizer.mask_id, pad_id=tokenizer.pad_id
-    ).to(device)
+    task = MaskCLIPTask(cfg, tokenizer.special_ids, tokenizer.mask_id, pad_id=tokenizer.pad_id).to(
+        device
+    )
     optimizer = build_optimizer(task, spec)
     scheduler = build_scheduler(optimizer, spec, total_steps)
 
@@ -113,8 +115,17 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                ckpt.save(d, task, optimizer, scheduler, step, epoch, config["tokenizer"],
-                          config["spec_yaml"], run_id)
+                ckpt.save(
+                    d,
+                    task,
+                    optimizer,
+                    scheduler,
+                    step,
+                    epoch,
+                    config["tokenizer"],
+                    config["spec_yaml"],
+                    run_id,
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
 
@@ -139,9 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
                 loss, report = task.training_forward(images, tokens, gen)
 
             # every rank must agree on skipping / stopping, or DDP would hang
-            flags = torch.tensor(
-                [0.0 if torch.isfinite(loss) else 1.0, 0.0], device=device
-            )
+            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 0.0], device=device)
             if control is not None and (step % spec.optim.log_every == 0):
                 flags[1] = float(ray.get(control.should_stop.remote()))
             if world > 1:

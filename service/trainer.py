@@ -23,7 +23,6 @@ from .spec import JobSpec
 from .tracking import Tracker, flatten, start_run
 from .train_loop import train_loop_per_worker
 
-
 # worker prints reach the terminal once (Ray Train's print patch would log them a second time)
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
@@ -49,8 +48,12 @@ def init_ray(spec: JobSpec) -> None:
     if spec.scaling.ray_address:
         ray.init(address=spec.scaling.ray_address, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 object_store_memory=512 * 1024**2)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=True,
+            object_store_memory=512 * 1024**2,
+        )
 
 
 def check_fits(spec: JobSpec) -> None:
@@ -113,8 +116,9 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
 
     init_ray(spec)
     check_fits(spec)
-    data.check_columns(spec.data.train, spec.storage,
-                       [spec.data.image_column, spec.data.caption_column])
+    data.check_columns(
+        spec.data.train, spec.storage, [spec.data.image_column, spec.data.caption_column]
+    )
     storage_path, fs, storage_uri = storage(spec)
     latest = ckpt.find_latest(storage_path, spec.run.name, fs)
     tokenizer_json = prepare_tokenizer(spec, latest)
@@ -126,9 +130,15 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
     run_id = None
     if uri:
         previous = latest[1].get("mlflow_run_id") if latest else None
-        run_id = start_run(uri, spec.tracking.experiment, spec.run.name,
-                           flatten(spec.model_dump(mode="json")), spec.run.tags,
-                           run_id=previous, parent_run_id=parent_run_id)
+        run_id = start_run(
+            uri,
+            spec.tracking.experiment,
+            spec.run.name,
+            flatten(spec.model_dump(mode="json")),
+            spec.run.tags,
+            run_id=previous,
+            parent_run_id=parent_run_id,
+        )
         tracker = Tracker(uri, run_id)
         tracker.log_artifact(str(run_dir / "job.yaml"), "spec")
         if latest:
@@ -155,8 +165,9 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             "tracking_uri": uri,
             "control": control_name,
         },
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=spec.run.name,
             storage_path=storage_path,
@@ -169,8 +180,11 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    print(f"training {spec.run.name}: {steps} steps, {s.num_workers} worker(s), "
-          f"checkpoints -> {storage_uri}/{spec.run.name}", flush=True)
+    print(
+        f"training {spec.run.name}: {steps} steps, {s.num_workers} worker(s), "
+        f"checkpoints -> {storage_uri}/{spec.run.name}",
+        flush=True,
+    )
 
     def on_signal(signum, frame):
         print(f"received signal {signum}: checkpointing and stopping", file=sys.stderr, flush=True)
@@ -189,38 +203,47 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
 
     if uri and run_id:
         tracker = Tracker(uri, run_id)
-        tracker.log_metrics({"data_rows_seen": stats["rows_seen"],
-                             "data_rows_bad": stats["rows_bad"]}, int(final.get("step", steps)))
+        tracker.log_metrics(
+            {"data_rows_seen": stats["rows_seen"], "data_rows_bad": stats["rows_bad"]},
+            int(final.get("step", steps)),
+        )
         status = "FINISHED" if not reason else "KILLED"
         if reason and reason.startswith("nonfinite"):
             status = "FAILED"
         tracker.end(status)
     ray.kill(control)
 
-    print(f"\nrun {spec.run.name}: step {final.get('step', '?')}/{steps}, "
-          f"loss {final.get('loss', float('nan')):.4f}, data rows {stats['rows_seen']} "
-          f"({stats['rows_bad']} skipped)")
+    print(
+        f"\nrun {spec.run.name}: step {final.get('step', '?')}/{steps}, "
+        f"loss {final.get('loss', float('nan')):.4f}, data rows {stats['rows_seen']} "
+        f"({stats['rows_bad']} skipped)"
+    )
     for k, v in sorted(final.items()):
         if k.startswith("val_"):
             print(f"  {k}: {v:.4f}")
     print(f"checkpoint: {checkpoint_uri}")
     print(f"mlflow run: {run_id}")
     if reason and reason.startswith("nonfinite"):
-        raise RunStopped(f"{reason.split(': ', 1)[1]}: the run stopped; the last good checkpoint "
-                         f"is {checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)")
+        raise RunStopped(
+            f"{reason.split(': ', 1)[1]}: the run stopped; the last good checkpoint "
+            f"is {checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)"
+        )
     if reason == "data":
         raise RunStopped(_data_message(stats, spec), exit_code=2)
     if reason == "signal":
-        raise RunStopped("stopped by signal after checkpointing; run the same job again to "
-                         "resume", exit_code=143)
+        raise RunStopped(
+            "stopped by signal after checkpointing; run the same job again to resume", exit_code=143
+        )
     return result
 
 
 def _data_message(stats: dict, spec: JobSpec) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats["bad_reasons"].items()))
     pct = 100 * stats["rows_bad"] / max(1, stats["rows_seen"])
-    return (f"data.train: {stats['rows_bad']} of {stats['rows_seen']} rows ({pct:.1f}%) could not "
-            f"be used ({reasons}); data.max_bad_fraction is {spec.data.max_bad_fraction:g}")
+    return (
+        f"data.train: {stats['rows_bad']} of {stats['rows_seen']} rows ({pct:.1f}%) could not "
+        f"be used ({reasons}); data.max_bad_fraction is {spec.data.max_bad_fraction:g}"
+    )
 
 
 def _checkpoint_uri(result, storage_uri: str, storage_path: str) -> str:

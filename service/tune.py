@@ -26,7 +26,7 @@ from typing import Any
 from .errors import UserError
 from .spec import JobSpec, apply_overrides
 from .sweep_spec import SweepSection, override, rebuild_spec, validate_sweep
-from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, metric_name, start_run
+from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, start_run
 
 SWEEP_TAG = "maskclip.sweep"
 EARLY_STOPPED_TAG = "maskclip.early_stopped"
@@ -166,8 +166,12 @@ def _find_parent(uri: str, experiment: str, name: str) -> str | None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return None
-        found = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{name}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        found = client.search_runs(
+            [exp.experiment_id],
+            f"tags.`{SWEEP_TAG}` = '{name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if not found:
             return None
         client.update_run(found[0].info.run_id, status="RUNNING")
@@ -178,24 +182,33 @@ def _find_parent(uri: str, experiment: str, name: str) -> str | None:
 
 def sweep_params(sweep: SweepSection, spec: JobSpec) -> dict[str, str]:
     params = {f"space.{p}": d.describe() for p, d in sweep.parameters.items()}
-    params.update({
-        "sweep.search": sweep.search,
-        "sweep.scheduler": sweep.scheduler,
-        "sweep.metric": sweep.metric,
-        "sweep.mode": sweep.resolved_mode,
-        "sweep.num_samples": str(sweep.resolved_num_samples),
-        "sweep.max_concurrent": str(sweep.max_concurrent),
-        "sweep.trial_cpu": str(sweep.resources_per_trial.cpu),
-    })
+    params.update(
+        {
+            "sweep.search": sweep.search,
+            "sweep.scheduler": sweep.scheduler,
+            "sweep.metric": sweep.metric,
+            "sweep.mode": sweep.resolved_mode,
+            "sweep.num_samples": str(sweep.resolved_num_samples),
+            "sweep.max_concurrent": str(sweep.max_concurrent),
+            "sweep.trial_cpu": str(sweep.resources_per_trial.cpu),
+        }
+    )
     if sweep.scheduler == "asha":
-        params.update({
-            "sweep.asha.time_attr": "step",
-            "sweep.asha.grace_period": str(sweep.asha.grace_period or spec.checkpoint.every_steps),
-            "sweep.asha.reduction_factor": str(sweep.asha.reduction_factor),
-            "sweep.asha.max_t": str(sweep.asha.max_t or spec.optim.max_steps),
-        })
-    base = {k: v for k, v in flatten(spec.model_dump(mode="json")).items()
-            if not k.startswith("sweep") and k not in sweep.parameters}
+        params.update(
+            {
+                "sweep.asha.time_attr": "step",
+                "sweep.asha.grace_period": str(
+                    sweep.asha.grace_period or spec.checkpoint.every_steps
+                ),
+                "sweep.asha.reduction_factor": str(sweep.asha.reduction_factor),
+                "sweep.asha.max_t": str(sweep.asha.max_t or spec.optim.max_steps),
+            }
+        )
+    base = {
+        k: v
+        for k, v in flatten(spec.model_dump(mode="json")).items()
+        if not k.startswith("sweep") and k not in sweep.parameters
+    }
     return {**base, **params}
 
 
@@ -240,9 +253,19 @@ def collect(grid, sweep: SweepSection, sweep_name: str, storage_is_s3: bool) -> 
             ckpt = "s3://" + ckpt.lstrip("/")
         params = {p: (result.config or {}).get(p) for p in sweep.parameters}
         err = str(result.error).strip().splitlines()[-1][:200] if result.error else ""
-        rows.append(TrialRow(trial_id, f"{sweep_name}-{trial_id}", status, params,
-                             m.get("step"), _float(m.get(sweep.metric)), _float(m.get("loss")),
-                             ckpt, error=err))
+        rows.append(
+            TrialRow(
+                trial_id,
+                f"{sweep_name}-{trial_id}",
+                status,
+                params,
+                m.get("step"),
+                _float(m.get(sweep.metric)),
+                _float(m.get("loss")),
+                ckpt,
+                error=err,
+            )
+        )
     rows.sort(key=lambda r: r.trial_id)
     return rows
 
@@ -266,11 +289,14 @@ def reconcile_runs(uri: str, parent: str, rows: list[TrialRow]) -> None:
     try:
         client = _client(uri)
         exp_id = client.get_run(parent).info.experiment_id
-        children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'",
-                                      max_results=5000)
+        children = client.search_runs(
+            [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
+        )
     except Exception as e:  # noqa: BLE001
-        print(f"warning: could not read the trial runs from MLflow ({type(e).__name__})",
-              file=sys.stderr)
+        print(
+            f"warning: could not read the trial runs from MLflow ({type(e).__name__})",
+            file=sys.stderr,
+        )
         return
     by_name = {r.data.tags.get(RUN_KEY_TAG): r for r in children}
     for row in rows:
@@ -284,8 +310,9 @@ def reconcile_runs(uri: str, parent: str, rows: list[TrialRow]) -> None:
             if row.step is not None:
                 tracker.set_tag("maskclip.stopped_at_step", str(row.step))
         if run.info.status == "RUNNING":  # the trial's process was stopped before run_job ended
-            tracker.end({"completed": "FINISHED", "early_stopped": "KILLED"}.get(row.status,
-                                                                                 "FAILED"))
+            tracker.end(
+                {"completed": "FINISHED", "early_stopped": "KILLED"}.get(row.status, "FAILED")
+            )
 
 
 def _fmt(v: Any) -> str:
@@ -295,10 +322,29 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[TrialRow], sweep: SweepSection) -> list[list[str]]:
-    header = ["trial", "status", *sweep.parameters, "step", sweep.metric, "loss", "checkpoint",
-              "mlflow_run"]
-    body = [[r.run_name, r.status, *(_fmt(r.params[p]) for p in sweep.parameters), _fmt(r.step),
-             _fmt(r.value), _fmt(r.loss), r.checkpoint, r.mlflow_run] for r in rows]
+    header = [
+        "trial",
+        "status",
+        *sweep.parameters,
+        "step",
+        sweep.metric,
+        "loss",
+        "checkpoint",
+        "mlflow_run",
+    ]
+    body = [
+        [
+            r.run_name,
+            r.status,
+            *(_fmt(r.params[p]) for p in sweep.parameters),
+            _fmt(r.step),
+            _fmt(r.value),
+            _fmt(r.loss),
+            r.checkpoint,
+            r.mlflow_run,
+        ]
+        for r in rows
+    ]
     return [header, *body]
 
 
@@ -331,12 +377,16 @@ def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
             xs = [cats.index(str(v)) for v in values]
             ax.set_xticks(range(len(cats)), cats)
         for status, color in colors.items():
-            pts = [(x, r.value) for x, r in zip(xs, rows)
-                   if r.status == status and math.isfinite(r.value)]
+            pts = [
+                (x, r.value)
+                for x, r in zip(xs, rows)
+                if r.status == status and math.isfinite(r.value)
+            ]
             if pts:
                 ax.scatter(*zip(*pts), c=color, label=status.replace("_", " "))
-        if dist.kind == "loguniform" or (numeric and xs and min(xs) > 0
-                                          and max(xs) / min(xs) >= 100):
+        if dist.kind == "loguniform" or (
+            numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 100
+        ):
             ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel(sweep.metric)
@@ -376,8 +426,13 @@ def run_sweep(spec: JobSpec):
     if uri:
         parent = _find_parent(uri, spec.tracking.experiment, name) if resuming else None
         if parent is None:
-            parent = start_run(uri, spec.tracking.experiment, name, sweep_params(sweep, spec),
-                               {**spec.run.tags, SWEEP_TAG: name})
+            parent = start_run(
+                uri,
+                spec.tracking.experiment,
+                name,
+                sweep_params(sweep, spec),
+                {**spec.run.tags, SWEEP_TAG: name},
+            )
             Tracker(uri, parent).set_tag(SWEEP_TAG, name)
 
     trainable = ray.tune.with_resources(
@@ -386,8 +441,11 @@ def run_sweep(spec: JobSpec):
     )
     mode = sweep.resolved_mode
     if resuming:
-        print(f"resuming sweep {name} from {storage_uri}/sweeps/{name} (finished trials are kept; "
-              "the search space of the first start applies)", flush=True)
+        print(
+            f"resuming sweep {name} from {storage_uri}/sweeps/{name} (finished trials are kept; "
+            "the search space of the first start applies)",
+            flush=True,
+        )
         tuner = Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
         search_alg, max_concurrent_trials = search_algorithm(sweep, spec.run.seed)
@@ -403,11 +461,15 @@ def run_sweep(spec: JobSpec):
                 mode=mode,
                 reuse_actors=False,
             ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=sweeps_path,
-                                          storage_filesystem=fs, verbose=1),
+            run_config=ray.tune.RunConfig(
+                name=name, storage_path=sweeps_path, storage_filesystem=fs, verbose=1
+            ),
         )
-    print(f"sweep {name}: {sweep.search} search, scheduler {sweep.scheduler}, "
-          f"metric {sweep.metric} ({mode}), {sweep.max_concurrent} trial(s) at a time", flush=True)
+    print(
+        f"sweep {name}: {sweep.search} search, scheduler {sweep.scheduler}, "
+        f"metric {sweep.metric} ({mode}), {sweep.max_concurrent} trial(s) at a time",
+        flush=True,
+    )
     grid = tuner.fit()
 
     rows = collect(grid, sweep, name, storage_uri.startswith("s3://"))
@@ -415,10 +477,12 @@ def run_sweep(spec: JobSpec):
         reconcile_runs(uri, parent, rows)
     best = best_row(rows, mode)
     cells = table(rows, sweep)
-    print(f"\nsweep {name}: {len(rows)} trials "
-          f"({sum(r.status == 'completed' for r in rows)} completed, "
-          f"{sum(r.status == 'early_stopped' for r in rows)} stopped early, "
-          f"{sum(r.status == 'error' for r in rows)} failed)")
+    print(
+        f"\nsweep {name}: {len(rows)} trials "
+        f"({sum(r.status == 'completed' for r in rows)} completed, "
+        f"{sum(r.status == 'early_stopped' for r in rows)} stopped early, "
+        f"{sum(r.status == 'error' for r in rows)} failed)"
+    )
     print_table(cells)
     for r in rows:
         if r.error:
@@ -448,11 +512,16 @@ def run_sweep(spec: JobSpec):
         tracker.end("FAILED" if all_failed else "FINISHED")
 
     if best is not None:
-        print(f"best trial: {best.run_name} ({sweep.metric} {_fmt(best.value)}; "
-              + ", ".join(f"{p}={_fmt(v)}" for p, v in best.params.items()) + ")")
+        print(
+            f"best trial: {best.run_name} ({sweep.metric} {_fmt(best.value)}; "
+            + ", ".join(f"{p}={_fmt(v)}" for p, v in best.params.items())
+            + ")"
+        )
     print(f"best checkpoint: {best.checkpoint if best else 'none'}")
     print(f"mlflow run: {parent}")
     if rows and all(r.status == "error" for r in rows):
-        raise RunStopped(f"sweep {name}: all {len(rows)} trials failed (see the errors above); "
-                         "run the same sweep again to retry them")
+        raise RunStopped(
+            f"sweep {name}: all {len(rows)} trials failed (see the errors above); "
+            "run the same sweep again to retry them"
+        )
     return grid

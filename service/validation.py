@@ -84,8 +84,12 @@ def patch_similarity_figure(task, images: torch.Tensor, path: str) -> None:
         img = (images[i].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
         axes[i][0].imshow(img)
         axes[i][1].imshow(img)
-        axes[i][1].imshow(mask[i].cpu().view(gh, gw).numpy(), alpha=0.6, cmap="gray",
-                          extent=(0, img.shape[1], img.shape[0], 0))
+        axes[i][1].imshow(
+            mask[i].cpu().view(gh, gw).numpy(),
+            alpha=0.6,
+            cmap="gray",
+            extent=(0, img.shape[1], img.shape[0], 0),
+        )
         im = axes[i][2].imshow(sim[i].view(gh, gw).numpy(), vmin=-1, vmax=1, cmap="viridis")
         for ax in axes[i]:
             ax.axis("off")

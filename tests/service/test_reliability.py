@@ -142,8 +142,9 @@ def test_driver_killed_then_rerun_resumes(synth_parquet, tmp_path):
     cmd = [sys.executable, "-m", "service.cli", "run", job]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert _wait_for(lambda: any(s >= 10 for s in _checkpoint_steps(storage)), 240)
     finally:
@@ -151,8 +152,13 @@ def test_driver_killed_then_rerun_resumes(synth_parquet, tmp_path):
         proc.wait()
     reached = _checkpoint_steps(storage)[-1]
     assert reached < 400
-    done = subprocess.run(cmd + ["--set", f"optim.max_steps={reached + 10}"], env=env,
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        cmd + ["--set", f"optim.max_steps={reached + 10}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed from checkpoint at step {reached}" in done.stdout + done.stderr
     assert _checkpoint_steps(storage)[-1] == reached + 10

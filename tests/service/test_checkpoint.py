@@ -1,0 +1,104 @@
+"""Checkpoint contents, exact restore, and that an interrupted write is never picked."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from maskclip import MaskCLIPTask
+from maskclip.tokenizer import Tokenizer
+from service import checkpoint as ckpt
+from service.spec import build_spec
+from service.train_loop import build_optimizer, build_scheduler
+
+
+def make(tmp_path):
+    spec = build_spec({"data": {"train": str(tmp_path)}, "model": {"size": "maskclip_nano"}})
+    tok = Tokenizer.train(["a red circle", "a blue square on the left"], 300, 32)
+    cfg = spec.model_config_for(tok.vocab_size)
+    task = MaskCLIPTask(cfg, tok.special_ids, tok.mask_id, pad_id=tok.pad_id)
+    opt = build_optimizer(task, spec)
+    sched = build_scheduler(opt, spec, 10)
+    return spec, tok, task, opt, sched
+
+
+def train_step(task, opt, sched, tok):
+    images = torch.randn(4, 3, 32, 32)
+    tokens = tok.encode(["a red circle"] * 4)
+    loss, _ = task.training_forward(images, tokens, torch.Generator().manual_seed(0))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    task.update_teacher(1, 10)
+
+
+def test_save_restore_roundtrip_is_exact(tmp_path):
+    spec, tok, task, opt, sched = make(tmp_path)
+    train_step(task, opt, sched, tok)
+    d = ckpt.save(
+        tmp_path / "run" / "checkpoint_a",
+        task,
+        opt,
+        sched,
+        1,
+        0,
+        tok.to_json(),
+        spec.to_yaml(),
+        "run123",
+    )
+    after_save = torch.rand(3)  # RNG state was saved before this draw
+
+    _, tok2, task2, opt2, sched2 = make(tmp_path)
+    meta = ckpt.restore(d, task2, opt2, sched2)
+    assert meta["step"] == 1 and meta["mlflow_run_id"] == "run123"
+    for (n, a), (_, b) in zip(task.state_dict().items(), task2.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    assert sched2.last_epoch == sched.last_epoch
+    assert torch.equal(torch.rand(3), after_save)  # RNG restored
+
+    loaded, tok3, _ = ckpt.load_for_eval(d)
+    prompts = ["a photo of a circle.", "a star shape."]
+    assert torch.equal(tok3.encode(prompts), tok.encode(prompts))
+    assert torch.equal(
+        loaded.student.encode_text(tok3.encode(prompts)),
+        task.student.encode_text(tok.encode(prompts)),
+    )
+
+
+def test_interrupted_write_is_never_picked(tmp_path):
+    spec, tok, task, opt, sched = make(tmp_path)
+    good = ckpt.save(
+        tmp_path / "run" / "checkpoint_1",
+        task,
+        opt,
+        sched,
+        5,
+        0,
+        tok.to_json(),
+        spec.to_yaml(),
+        None,
+    )
+    # a later checkpoint whose write died before meta.json: state written, marker missing
+    partial = tmp_path / "run" / "checkpoint_2"
+    shutil.copytree(good, partial)
+    (partial / "meta.json").unlink()
+    (partial / "state.pt").write_bytes(b"\x00" * 10)  # truncated
+    path, meta = ckpt.find_latest(str(tmp_path), "run")
+    assert path.endswith("checkpoint_1") and meta["step"] == 5
+    # a newer complete one wins
+    ckpt.save(
+        tmp_path / "run" / "checkpoint_3",
+        task,
+        opt,
+        sched,
+        9,
+        0,
+        tok.to_json(),
+        spec.to_yaml(),
+        None,
+    )
+    assert ckpt.find_latest(str(tmp_path), "run")[1]["step"] == 9
+    assert ckpt.find_latest(str(tmp_path), "no-such-run") is None
