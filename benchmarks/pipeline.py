@@ -14,7 +14,8 @@ removed at the end. The data are `--rows` synthetic 32 px rows (service.datasets
    floor(scaling.cpus_per_worker), min 1: what Ray sets for the worker). Ray: `run_job` on the
    10x dataset with one worker; samples/s per log interval from the wall-clock timestamps of the
    metrics rank 0 logs to MLflow (so logging overhead counts), median over the intervals after
-   the first log. Both measure `--steps` steps after warm-up.
+   the first log. Both measure `--steps` steps after warm-up; the bare loop runs before and
+   after the Ray phases and the mean of the two is used.
 2. Ray Data decode rows/s (`build_dataset(spec, "train")` iterated alone with iter_batches,
    after warm-up batches) / the bare loop's samples/s.
 3. Peak RSS of the process tree (driver + Ray processes, RSS summed over psutil children every
@@ -229,30 +230,44 @@ def ray_throughput(spec) -> tuple[float, float, int]:
 # ---------------------------------------------------------------- 3. peak RSS (subprocess)
 
 
+def _psutil():
+    """psutil; `import ray` first puts Ray's vendored copy on sys.path (not a project dep)."""
+    import importlib
+
+    import ray  # noqa: F401
+
+    return importlib.import_module("psutil")
+
+
 class TreeRSS:
     """Samples the summed RSS of this process and all its descendants every `interval` s."""
 
     def __init__(self, interval: float = 0.2):
-        import psutil
-
+        psutil = _psutil()
         self.me = psutil.Process()
         self.interval = interval
-        self.peak = self.peak_procs = 0
+        self.peak = self.peak_procs = self.peak_pss = 0
+        self.top: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        import psutil
+        psutil = _psutil()
 
-        total = n = 0
+        total = pss = 0
+        seen: list[tuple[int, str]] = []
         for p in [self.me, *self.me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
-                n += 1
+                info = p.memory_full_info()  # rss, plus pss (shared pages split, not repeated)
+                total += info.rss
+                pss += getattr(info, "pss", info.rss)
+                seen.append((info.rss, p.name()))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
+        self.peak_pss = max(self.peak_pss, pss)
         if total > self.peak:
-            self.peak, self.peak_procs = total, n
+            self.peak, self.peak_procs = total, len(seen)
+            self.top = [f"{name} {rss / 2**20:.0f}" for rss, name in sorted(seen, reverse=True)[:6]]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -290,6 +305,8 @@ def rss_child(args) -> None:
         "rows": rows,
         "peak_rss": rss.peak,
         "procs": rss.peak_procs,
+        "peak_pss": rss.peak_pss,
+        "top": rss.top,
         "seconds": time.perf_counter() - t,
     }
     print(MARK + json.dumps(result), flush=True)
@@ -374,9 +391,9 @@ def main() -> None:
         tokenizer.write_text(tokenizer_json, encoding="utf-8")
 
         threads = worker_threads(spec)
-        bare = bare_throughput(spec, tokenizer_json, args.steps, warmup_steps, threads)
+        bare_before = bare_throughput(spec, tokenizer_json, args.steps, warmup_steps, threads)
         print(
-            f"\nbare loop: {bare:.1f} samples/s ({args.steps} steps after {warmup_steps} "
+            f"\nbare loop: {bare_before:.1f} samples/s ({args.steps} steps after {warmup_steps} "
             f"warm-up, batch {args.batch_size}, {threads} torch thread(s)); {load()}",
             flush=True,
         )
@@ -399,17 +416,26 @@ def main() -> None:
         import ray
 
         ray.shutdown()
+        # again after the Ray phases: on a shared machine the load drifts between phases
+        bare_after = bare_throughput(spec, tokenizer_json, args.steps, warmup_steps, threads)
+        bare = (bare_before + bare_after) / 2
+        print(
+            f"\nbare loop again: {bare_after:.1f} samples/s; mean of both {bare:.1f}; {load()}",
+            flush=True,
+        )
 
         small = run_rss_child(x1, tokenizer, args)
         large = run_rss_child(x10, tokenizer, args)
         for name, r in (("1x", small), ("10x", large)):
             print(
                 f"\npeak RSS {name}: {r['peak_rss'] / 2**20:.0f} MiB over {r['procs']} "
-                f"processes, {r['rows']} rows streamed in {r['seconds']:.0f} s"
+                f"processes, {r['rows']} rows streamed in {r['seconds']:.0f} s (peak PSS "
+                f"{r['peak_pss'] / 2**20:.0f} MiB); largest at the peak (MiB): "
+                + ", ".join(r["top"])
             )
         print(f"\ntotal {time.perf_counter() - t_start:.0f} s; {load()}")
-        print("\nray/bare: Ray Train samples/s / bare loop samples/s (target >= 0.95)")
-        print("data/train: Ray Data rows/s alone / bare loop samples/s (target >= 3)")
+        print("\nray/bare: Ray Train samples/s / mean bare loop samples/s (target >= 0.95)")
+        print("data/train: Ray Data rows/s alone / mean bare loop samples/s (target >= 3)")
         print("rss 10x/1x: peak process-tree RSS streaming 10x rows / 1x rows (target <= 1.2)")
         print(f"ray/bare throughput ratio: {ray_rate / bare:.2f}")
         print(f"data/train throughput ratio: {data_rate / bare:.2f}")

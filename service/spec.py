@@ -22,7 +22,9 @@ PosInt = Annotated[int, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
-SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|api_?key|access_?key", re.I)
+SECRET_KEY = re.compile(
+    r"(^|[_-])(secret|password|passwd|token|credentials?|api_?key|access_?key)([_-]|$)", re.I
+)
 CREDENTIALS_HELP = (
     "credentials never go in the job spec; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a "
     "profile, or the Kubernetes service account) in the environment"

@@ -236,10 +236,18 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
             problems.append("sweep.asha.max_t: required when the budget is optim.epochs")
         elif grace > max_t:
             problems.append(f"sweep.asha.grace_period: must not exceed max_t {max_t} (got {grace})")
-        if spec.checkpoint.every_steps >= (spec.optim.max_steps or math.inf):
+        every = spec.checkpoint.every_steps
+        if every >= (spec.optim.max_steps or math.inf):
             problems.append(
                 "sweep.scheduler: asha decides at checkpoints; set "
                 "checkpoint.every_steps below optim.max_steps"
+            )
+        elif metric.startswith("val_") and (
+            not spec.optim.val_every or every % spec.optim.val_every
+        ):
+            problems.append(
+                f"sweep.metric: asha compares {metric} at checkpoints; set optim.val_every to "
+                f"checkpoint.every_steps ({every}) or a divisor of it (got {spec.optim.val_every})"
             )
     if problems:
         raise SpecError(problems)

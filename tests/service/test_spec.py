@@ -86,3 +86,13 @@ def test_bad_override(tmp_path, capsys):
     path.write_text(f"data: {{train: {tmp_path}}}\nmodel: {{mask_ratio: 0.5}}\n")
     assert main(["validate", str(path), "--set", "model.mask_ratio.x=1"]) == 2
     assert "model.mask_ratio: is not a section" in capsys.readouterr().err
+
+
+def test_resolved_spec_loads_back(tmp_path, capsys):
+    """What `validate` prints (and every run saves) is itself a valid spec."""
+    path = tmp_path / "job.yaml"
+    path.write_text(f"data: {{train: {tmp_path}}}\n")
+    assert main(["validate", str(path)]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert main(["validate", str(resolved)]) == 0
