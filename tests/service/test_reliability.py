@@ -165,3 +165,39 @@ def test_driver_killed_then_rerun_resumes(synth_parquet, tmp_path):
     client = mlflow.MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("driver").experiment_id])
     assert len(runs) == 1
+
+
+def test_sigterm_checkpoints_before_exit_and_rerun_resumes(synth_parquet, tmp_path):
+    """Preemption / `maskclip stop`: SIGTERM to the driver makes the workers checkpoint first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    job = write_job(
+        tmp_path,
+        data={"train": synth_parquet},
+        optim={"max_steps": 5000, "log_every": 2},
+        checkpoint={"every_steps": 1000},
+        tracking={"enabled": False},
+    )
+    cmd = [sys.executable, "-m", "service.cli", "run", job]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "step 4/5000" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(lines) + out
+    assert proc.returncode == 143, output[-3000:]
+    assert "stopped by signal after checkpointing" in output
+    steps = _checkpoint_steps(tmp_path / "runs" / "checkpoints")
+    assert steps and 4 <= steps[-1] < 5000  # checkpointed although every_steps is 1000
