@@ -105,6 +105,20 @@ def total_steps(spec: JobSpec) -> int:
     return max(1, spec.optim.epochs * (rows // per_step))
 
 
+def ingest_options(spec: JobSpec):
+    """Keep decoding a few batches ahead of training, not the whole object store ahead: on a
+    small machine decode tasks running far ahead take CPU from the training step."""
+    from ray.data import ExecutionResources
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    batch_bytes = spec.optim.batch_size * 3 * spec.image_size**2 * 4
+    budget = max(64 * 1024**2, 8 * batch_bytes * spec.scaling.num_workers)
+    limits = options.resource_limits or ExecutionResources()
+    options.resource_limits = limits.copy(object_store_memory=budget)
+    return options
+
+
 def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: str | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -178,7 +192,9 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             worker_runtime_env={"env_vars": WORKER_ENV},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(
+            datasets_to_split=["train"], execution_options={"train": ingest_options(spec)}
+        ),
     )
     print(
         f"training {spec.run.name}: {steps} steps, {s.num_workers} worker(s), "
