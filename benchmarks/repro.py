@@ -125,6 +125,23 @@ def step_time(uri: str, run_id: str | None, batch: int) -> float | None:
     return batch / statistics.median(values) if values else None
 
 
+def local_experiments(uri: str, work: Path, arms: list[str]) -> None:
+    """Create the arms' experiments with artifacts under `work` (a sqlite store would otherwise
+    put them in ./mlruns of the current folder)."""
+    from service.spec import load_spec
+
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        for arm in arms:
+            name = load_spec(ROOT / "jobs" / "repro" / f"{arm}.yaml").tracking.experiment
+            if client.get_experiment_by_name(name) is None:
+                client.create_experiment(name, artifact_location=str(work / "mlartifacts" / name))
+    except Exception as e:  # noqa: BLE001 - tracking is optional: training warns on its own
+        print(f"warning: cannot prepare MLflow experiments at {uri}: {e}", file=sys.stderr)
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     if not values:
         return float("nan"), None
@@ -235,6 +252,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = ensure_data(args, work)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}"
+    if uri.startswith("sqlite:"):
+        local_experiments(uri, work, args.arms)
     started = datetime.now(timezone.utc)
     results: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     failures: list[str] = []

@@ -33,6 +33,10 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     check_inputs(spec)
+    if spec.sweep is not None:
+        from .sweep_spec import validate_sweep
+
+        validate_sweep(spec)
     print(spec.to_yaml(), end="")
     return 0
 

@@ -41,9 +41,9 @@ def format_result(result: dict) -> str:
     if zs and len(zs["class_names"]) <= 20:
         names = [n[:10] for n in zs["class_names"]]
         lines += ["", "  zero-shot confusion matrix (rows: true, columns: predicted)"]
-        lines.append("  " + " " * 11 + " ".join(f"{i:>5}" for i in range(len(names))))
+        lines.append("  " + " " * 13 + " ".join(f"{i:>5}" for i in range(len(names))))
         for i, (n, row) in enumerate(zip(names, zs["confusion_matrix"])):
-            lines.append(f"  {i:>2} {n:<8}" + " ".join(f"{c:>5}" for c in row))
+            lines.append(f"  {i:>2} {n:<10}" + " ".join(f"{c:>5}" for c in row))
     lines.append("")
     m = result["metrics"]
     if "zero_shot_top1" in m:

@@ -217,6 +217,7 @@ def _resolve_mlflow(
     try:
         import mlflow.artifacts
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         dest = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact_path, dst_path=_temp_dir(), tracking_uri=uri
         )

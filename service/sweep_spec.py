@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .spec import JobSpec, SpecError, apply_overrides, format_validation_error
+from .spec import JobSpec, SpecError, apply_overrides, build_spec, format_validation_error
 
 PosInt = Annotated[int, Field(gt=0)]
 
@@ -138,15 +138,6 @@ def override(path: str, value: Any) -> str:
     return f"{path}={yaml_value(value)}"
 
 
-def rebuild_spec(data: dict[str, Any]) -> JobSpec:
-    """Validate a dumped (already checked) spec after overrides. Not `build_spec`: its
-    credential-key scan flags the schema's own `data.tokenizer_captions` ("token")."""
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as err:
-        raise SpecError(format_validation_error(err)) from None
-
-
 def _leaf_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation (X, X | None, Annotated[X, ...]), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -210,7 +201,7 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
             continue
         for value in dist.values_to_check():
             try:
-                rebuild_spec(apply_overrides(copy.deepcopy(base), [override(path, value)]))
+                build_spec(apply_overrides(copy.deepcopy(base), [override(path, value)]))
             except SpecError as e:
                 problems.append(
                     f"{where}: {dist.kind} value {value!r} makes an invalid spec: {e.lines[0]}"

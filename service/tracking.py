@@ -54,7 +54,11 @@ def start_run(
     try:
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(experiment, artifact_location=_local_artifact_root(uri))
+        )
         if run_id is None:
             found = client.search_runs(
                 [exp_id],
@@ -82,6 +86,16 @@ def start_run(
             file=sys.stderr,
         )
         return None
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """For a local sqlite store keep artifacts beside the database, not in ./mlruns of
+    wherever the command happened to run."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from pathlib import Path
+
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
 class Tracker:

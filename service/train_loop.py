@@ -206,10 +206,11 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"error: {flags_stop}")
                     ray.get(control.request_stop.remote("data"))
 
+            val_now = {}
             if spec.optim.val_every and step % spec.optim.val_every == 0:
-                _validate(spec, task, tokenizer, device, tracker, rank, step)
+                val_now = _validate(spec, task, tokenizer, device, tracker, rank, step)
             if step % spec.checkpoint.every_steps == 0 and step < total_steps:
-                save_and_report({"loss": float(report["loss"])})
+                save_and_report({"loss": float(report["loss"]), **val_now})
             if step >= total_steps:
                 break
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import ray
@@ -206,7 +207,10 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
         print(f"received signal {signum}: checkpointing and stopping", file=sys.stderr, flush=True)
         control.request_stop.remote("signal")
 
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Tune runs a trial's run_job in a thread, where signal.signal raises ValueError
+    in_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+    old = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         result = trainer.fit()
     finally:

@@ -18,14 +18,13 @@ import os
 import re
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .spec import JobSpec, apply_overrides
-from .sweep_spec import SweepSection, override, rebuild_spec, validate_sweep
+from .spec import JobSpec, apply_overrides, build_spec
+from .sweep_spec import SweepSection, override, validate_sweep
 from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, start_run
 
 SWEEP_TAG = "maskclip.sweep"
@@ -47,33 +46,8 @@ def _trial(config: dict, base: dict, sweep_name: str, parent_run_id: str | None)
     data = apply_overrides(copy.deepcopy(base), [override(k, v) for k, v in sorted(config.items())])
     data["run"]["name"] = f"{sweep_name}-{trial_id}"
     data["sweep"] = None
-    spec = rebuild_spec(data)
-    if threading.current_thread() is not threading.main_thread():
-        _signal_handlers_main_thread_only(trainer)
+    spec = build_spec(data)
     trainer.run_job(spec, tune_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
-
-
-def _signal_handlers_main_thread_only(module) -> None:
-    """Tune runs a function trainable in a thread, where `signal.signal` raises ValueError.
-    Until run_job only installs its SIGTERM/SIGINT handlers in the main thread, give it a
-    `signal` whose `signal()` leaves handlers alone off the main thread (this process is the
-    trial's own actor; stopping a trial is Tune's job)."""
-    import signal as real
-
-    if getattr(module.signal, "_maskclip_shim", False):
-        return
-
-    class _Signal:
-        _maskclip_shim = True
-        SIGTERM, SIGINT = real.SIGTERM, real.SIGINT
-
-        @staticmethod
-        def signal(sig, handler):
-            if threading.current_thread() is threading.main_thread():
-                return real.signal(sig, handler)
-            return real.getsignal(sig)
-
-    module.signal = _Signal
 
 
 # ---------------------------------------------------------------- search space and Tuner
@@ -321,28 +295,19 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def table(rows: list[TrialRow], sweep: SweepSection) -> list[list[str]]:
-    header = [
-        "trial",
-        "status",
-        *sweep.parameters,
-        "step",
-        sweep.metric,
-        "loss",
-        "checkpoint",
-        "mlflow_run",
-    ]
+def _exact(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def table(rows: list[TrialRow], sweep: SweepSection, fmt=None) -> list[list[str]]:
+    """Header + one row per trial; `fmt` formats values (default: 4 significant digits)."""
+    fmt = fmt or _fmt
+    loss = [] if sweep.metric == "loss" else ["loss"]
+    header = ["trial", "status", *sweep.parameters, "step", sweep.metric, *loss]
+    header += ["checkpoint", "mlflow_run"]
     body = [
-        [
-            r.run_name,
-            r.status,
-            *(_fmt(r.params[p]) for p in sweep.parameters),
-            _fmt(r.step),
-            _fmt(r.value),
-            _fmt(r.loss),
-            r.checkpoint,
-            r.mlflow_run,
-        ]
+        [r.run_name, r.status, *(fmt(r.params[p]) for p in sweep.parameters), fmt(r.step)]
+        + [fmt(r.value), *(fmt(r.loss) for _ in loss), r.checkpoint, r.mlflow_run]
         for r in rows
     ]
     return [header, *body]
@@ -362,6 +327,7 @@ def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(sweep.parameters)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
@@ -388,6 +354,7 @@ def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
             numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 100
         ):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(name)
         ax.set_ylabel(sweep.metric)
         ax.grid(alpha=0.3)
@@ -493,7 +460,7 @@ def run_sweep(spec: JobSpec):
         with tempfile.TemporaryDirectory() as d:
             csv_path = os.path.join(d, "trials.csv")
             with open(csv_path, "w", newline="") as f:
-                csv.writer(f).writerows(cells)
+                csv.writer(f).writerows(table(rows, sweep, fmt=_exact))
             tracker.log_artifact(csv_path)
             png = os.path.join(d, "sweep_plot.png")
             try:
@@ -507,7 +474,7 @@ def run_sweep(spec: JobSpec):
             tracker.set_tag("maskclip.best_checkpoint", best.checkpoint)
             tracker.set_tag("maskclip.best_mlflow_run", best.mlflow_run)
             for p, v in best.params.items():
-                tracker.set_tag(f"best.{p}", _fmt(v))
+                tracker.set_tag(f"best.{p}", str(v))
         all_failed = bool(rows) and all(r.status == "error" for r in rows)
         tracker.end("FAILED" if all_failed else "FINISHED")
 

@@ -203,14 +203,16 @@ def test_mlflow_logs_into_evaluated_run_and_survives_down_server(
 
     from service.tracking import start_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # a file store: no sqlite migrations (slow), artifacts stay inside tmp_path
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    client = mlflow.MlflowClient(uri)
     run_id = start_run(uri, "evaltest", "evaltest", {}, {})
     assert run_id
     d = tmp_path / "ck"
     _save(d, world["spec"], world["tok"], step=5, run_id=run_id)
     r = evaluate(str(d), zero_shot=world["test"], tracking_uri=uri)
     assert r["mlflow"] == {"uri": uri, "run_id": run_id, "logged": True}
-    client = mlflow.MlflowClient(uri)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval_zero_shot_top1"] == pytest.approx(r["metrics"]["zero_shot_top1"])
     arts = {a.path for a in client.list_artifacts(run_id, "eval")}
@@ -230,3 +232,20 @@ def test_mlflow_logs_into_evaluated_run_and_survives_down_server(
     r3 = evaluate(world["ckpt"], zero_shot=world["test"], tracking_uri="http://127.0.0.1:9")
     assert not r3["mlflow"]["logged"] and "zero_shot_top1" in r3["metrics"]
     assert capsys.readouterr().err.count("warning: MLflow") == 1
+
+
+def test_s3_run_folder_is_downloaded(world, s3_bucket):
+    import pyarrow.fs as pafs
+
+    from service.evaluation import _s3_fs
+
+    fs = _s3_fs(None)
+    dest = f"{s3_bucket}/ckpts/evaltest/checkpoint_000000"
+    pafs.copy_files(
+        world["ckpt"], dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
+    local = Path(resolve_checkpoint(f"s3://{s3_bucket}/ckpts/evaltest"))
+    assert (local / "meta.json").is_file() and (local / "state.pt").is_file()
+    assert ckpt.read_meta(local)["step"] == 3
+    with pytest.raises(Exception, match="nothing at this S3 location"):
+        resolve_checkpoint(f"s3://{s3_bucket}/ckpts/missing")
