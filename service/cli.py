@@ -18,7 +18,8 @@ from .spec import SpecError, check_inputs, json_schema, load_spec
 EXIT_BAD_INPUT = 2
 
 
-def _spec_args(p: argparse.ArgumentParser) -> None:
+def spec_args(p: argparse.ArgumentParser) -> None:
+    """The SPEC argument and repeatable --set overrides (shared by run/validate/submit/...)."""
     p.add_argument("spec", help="job YAML")
     p.add_argument(
         "--set",
@@ -68,15 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskclip", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train a job (embedded local Ray unless scaling.ray_address)")
-    _spec_args(p)
+    spec_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="resolve and check a spec, print it, run nothing")
-    _spec_args(p)
+    spec_args(p)
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("sweep", help="Ray Tune sweep over the spec's sweep: section")
-    _spec_args(p)
+    spec_args(p)
     p.set_defaults(func=cmd_sweep)
     for module in ("data_cli", "cluster_cli", "eval_cli"):
         try:

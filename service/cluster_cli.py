@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import cluster
+from .cli import spec_args
 
 TERMINAL_OK = "SUCCEEDED"
 
@@ -30,18 +31,6 @@ def _address_args(p: argparse.ArgumentParser) -> None:
         dest="allow_insecure",
         action="store_true",
         help="allow plain http:// to a non-loopback host (unencrypted)",
-    )
-
-
-def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="job YAML")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a field, e.g. --set optim.max_steps=200 (repeatable)",
     )
 
 
@@ -106,7 +95,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="submit a spec to a Ray cluster (Jobs API)")
-    _overrides(p)
+    spec_args(p)
     _address_args(p)
     p.add_argument(
         "--working-dir",
@@ -139,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("render", help="print a KubeRay RayJob (+ ConfigMap) for a spec")
-    _overrides(p)
+    spec_args(p)
     p.add_argument("--image", default=None, help="container image (default: the project's)")
     p.add_argument("--namespace", default="maskclip", help="Kubernetes namespace")
     p.add_argument("--ttl", type=int, default=3600, help="ttlSecondsAfterFinished (default 3600)")
