@@ -89,11 +89,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- resume: the latest complete checkpoint of this run, if any
     step, epoch, run_id = 0, 0, config.get("mlflow_run_id")
+    restored_from = -1
     resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
+    found = None if resume is not None else _newest_on_storage(spec, config)
+    if resume is not None or found is not None:
+        # Ray hands a restarted worker group the last checkpoint the controller registered;
+        # one written just before a crash may not be registered yet, so storage is checked too
+        source = resume.as_directory() if resume is not None else ckpt.local_copy(*found)
+        with source as d:
             meta = ckpt.restore(d, task, optimizer, scheduler)
         step, epoch = meta["step"], meta["epoch"]
+        restored_from = step
         run_id = run_id or meta.get("mlflow_run_id")
         # decorrelate the data order / masks of a resumed run from its first life
         seed_everything(spec.run.seed * 1000 + rank + 7919 * step)
@@ -103,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     task.model = ray.train.torch.prepare_model(task.student) if world > 1 else task.student
     tracker = Tracker(None, None)
     if rank == 0:
-        tracker = Tracker(config.get("tracking_uri"), run_id, resumed=resume is not None)
+        tracker = Tracker(config.get("tracking_uri"), run_id, resumed=restored_from >= 0)
     control = control_actor(config["control"]) if rank == 0 else None
     autocast = spec.optim.precision == "bf16" or (
         spec.optim.precision == "auto" and device.type == "cuda"
@@ -127,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
                     run_id,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({**metrics, "step": step, "final": final}, checkpoint=checkpoint)
+            metrics = {**metrics, "step": step, "final": final, "restored_from": restored_from}
+            ray.train.report(metrics, checkpoint=checkpoint)
 
     # --- the loop
     task.train()
@@ -230,6 +237,17 @@ def train_loop_per_worker(config: dict) -> None:
         save_and_report(final_metrics, final=True)
     if rank == 0:
         tracker.flush()
+
+
+def _newest_on_storage(spec: JobSpec, config: dict):
+    """(path, filesystem) of the newest complete checkpoint of this run on storage, if any."""
+    from .data import s3_filesystem
+
+    path = config["storage_uri"]  # resolved by the driver (absolute, or s3://)
+    fs = s3_filesystem(spec.storage) if path.startswith("s3://") else None
+    root = path.removeprefix("s3://")
+    found = ckpt.find_latest(root, spec.run.name, fs)
+    return (found[0], fs) if found else None
 
 
 def _validate(spec, task, tokenizer, device, tracker, rank, step) -> dict:

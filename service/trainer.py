@@ -136,6 +136,8 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
     )
     storage_path, fs, storage_uri = storage(spec)
     latest = ckpt.find_latest(storage_path, spec.run.name, fs)
+    if latest:
+        print(f"resuming {spec.run.name} from checkpoint at step {latest[1]['step']}", flush=True)
     tokenizer_json = prepare_tokenizer(spec, latest)
     (run_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     steps = total_steps(spec)
@@ -179,6 +181,7 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "control": control_name,
+            "storage_uri": storage_uri,
         },
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
@@ -238,6 +241,8 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
         f"loss {final.get('loss', float('nan')):.4f}, data rows {stats['rows_seen']} "
         f"({stats['rows_bad']} skipped)"
     )
+    if final.get("restored_from", -1) >= 0:
+        print(f"  (a worker restart resumed from the checkpoint at step {final['restored_from']})")
     for k, v in sorted(final.items()):
         if k.startswith("val_"):
             print(f"  {k}: {v:.4f}")

@@ -82,6 +82,7 @@ def test_worker_sigkill_restarts_from_checkpoint_and_keeps_one_mlflow_run(
     import os
     import signal
     import threading
+    import time
 
     import mlflow
     import psutil
@@ -90,7 +91,7 @@ def test_worker_sigkill_restarts_from_checkpoint_and_keeps_one_mlflow_run(
     job = write_job(
         tmp_path,
         data={"train": synth_parquet},
-        optim={"max_steps": 60, "log_every": 5},
+        optim={"max_steps": 200, "log_every": 5},
         checkpoint={"every_steps": 5, "max_failures": 2},
         tracking={"tracking_uri": tracking, "experiment": "kill"},
     )
@@ -100,10 +101,14 @@ def test_worker_sigkill_restarts_from_checkpoint_and_keeps_one_mlflow_run(
     def killer():
         if not _wait_for(lambda: any(s >= 5 for s in _checkpoint_steps(storage)), 240):
             return
+        time.sleep(2)  # let the controller register it (either way the worker finds it)
+        if max(_checkpoint_steps(storage)) >= 150:
+            return  # too late to test a mid-run restart
         for p in psutil.process_iter(["cmdline"]):
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if "RayTrainWorker" in cmdline:
                 os.kill(p.pid, signal.SIGKILL)
-                killed.append(p.pid)
+                killed.append((p.pid, cmdline[:80]))
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -111,14 +116,17 @@ def test_worker_sigkill_restarts_from_checkpoint_and_keeps_one_mlflow_run(
     thread.join(5)
     out = capfd.readouterr()
     assert killed, "no training worker was found to kill"
-    assert "resumed from checkpoint at step" in out.out + out.err
+    assert "a worker restart resumed from the checkpoint at step" in out.out, (
+        killed,
+        out.out[-800:],
+    )
     assert summary(out.out)["checkpoint"]
-    assert _checkpoint_steps(storage)[-1] == 60
+    assert _checkpoint_steps(storage)[-1] == 200
     client = mlflow.MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
-    assert steps == list(range(5, 61, 5))  # no gaps, no repeats
+    assert steps == list(range(5, 201, 5))  # no gaps, no repeats
 
 
 def test_driver_killed_then_rerun_resumes(synth_parquet, tmp_path):
@@ -160,7 +168,7 @@ def test_driver_killed_then_rerun_resumes(synth_parquet, tmp_path):
         timeout=400,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resumed from checkpoint at step {reached}" in done.stdout + done.stderr
+    assert f"resuming t from checkpoint at step {reached}" in done.stdout
     assert _checkpoint_steps(storage)[-1] == reached + 10
     client = mlflow.MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("driver").experiment_id])
