@@ -44,8 +44,11 @@ def summary(out: str) -> dict[str, str]:
 
 
 def test_local_run_then_resume_continues_steps_and_mlflow_run(
-    ray_local, synth_parquet, mlflow_server, tmp_path, capsys
+    ray_local, synth_parquet, mlflow_server, tmp_path, capsys, monkeypatch
 ):
+    secret = "sekr1t-Value-9f3e"  # a credential in the environment must never be logged
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
     job = write_job(
         tmp_path,
         data={"train": synth_parquet, "val": synth_parquet},
@@ -90,6 +93,13 @@ def test_local_run_then_resume_continues_steps_and_mlflow_run(
     assert steps == sorted(set(steps)) and steps[-1] == 10 and 2 in steps and 8 in steps
     exp = client.get_experiment_by_name("test-run")
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+    run = client.get_run(first["mlflow run"])
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    spec_file = client.download_artifacts(run.info.run_id, "spec/job.yaml", str(tmp_path))
+    logged.append(Path(spec_file).read_text())
+    logged.append(capsys.readouterr().out)
+    assert not any(secret in text for text in logged)
 
 
 def test_s3_data_and_checkpoints(ray_local, s3_server, s3_bucket, synth_parquet, tmp_path, capsys):
