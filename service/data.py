@@ -270,6 +270,18 @@ def _clean_caption(value: Any, max_chars: int) -> tuple[str | None, str | None]:
     return text[:max_chars], None
 
 
+def _open_parquet(path: str, fs, columns: list[str], field: str) -> pq.ParquetFile:
+    """Open one shard and check it has `columns`; one-line UserError otherwise."""
+    try:
+        pf = pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError(
+            f"{field}: cannot read Parquet file {_display(path, fs)}: {_first_line(e)}"
+        ) from None
+    _check_schema(pf.schema_arrow, columns, path, fs, field)
+    return pf
+
+
 def sample_captions(spec: JobSpec, n: int) -> list[str]:
     """The first `n` usable captions of data.train, read with pyarrow (caption column only)."""
     field = "data.train"
@@ -279,13 +291,7 @@ def sample_captions(spec: JobSpec, n: int) -> list[str]:
     for path in paths:
         if len(out) >= n:
             break
-        try:
-            pf = pq.ParquetFile(path, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(
-                f"{field}: cannot read Parquet file {_display(path, fs)}: {_first_line(e)}"
-            ) from None
-        _check_schema(pf.schema_arrow, [col], path, fs, field)
+        pf = _open_parquet(path, fs, [col], field)
         try:
             for batch in pf.iter_batches(batch_size=1024, columns=[col]):
                 for value in batch.column(0).to_pylist():
@@ -526,13 +532,7 @@ def _read_files(
 ) -> Iterator[pa.Table]:
     """map_batches fn: a batch of paths -> the files' rows, `rows_per_block` rows at a time."""
     for path in batch.column("path").to_pylist():
-        try:
-            pf = pq.ParquetFile(path, filesystem=filesystem)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(
-                f"{field}: cannot read Parquet file {_display(path, filesystem)}: {_first_line(e)}"
-            ) from None
-        _check_schema(pf.schema_arrow, columns, path, filesystem, field)
+        pf = _open_parquet(path, filesystem, columns, field)
         for rb in pf.iter_batches(batch_size=rows_per_block, columns=columns):
             if rb.num_rows:
                 yield pa.Table.from_batches([rb])
