@@ -144,46 +144,39 @@ class Tracker:
         self.flush()
 
     def flush(self) -> None:
-        if not self.enabled or not self._buffer:
+        """Send buffered metrics; what was sent leaves the buffer, so nothing is sent twice."""
+        if not self.enabled:
             return
-        pending = list(self._buffer)
         try:
-            for i in range(0, len(pending), 500):
-                self._client.log_batch(self.run_id, metrics=pending[i : i + 500])
-            self._buffer.clear()
+            while self._buffer:
+                chunk = [self._buffer[i] for i in range(min(500, len(self._buffer)))]
+                self._client.log_batch(self.run_id, metrics=chunk)
+                for _ in chunk:
+                    self._buffer.popleft()
             self._warned = False
         except Exception as e:  # noqa: BLE001
             self._warn("logging", e)
 
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+    def _guarded(self, what: str, method: str, *args, **kwargs) -> None:
+        """Call an MlflowClient method on this run; a failure is one warning, never an error."""
         if not self.enabled:
             return
         try:
-            self._client.log_artifact(self.run_id, path, artifact_path)
+            getattr(self._client, method)(self.run_id, *args, **kwargs)
         except Exception as e:  # noqa: BLE001
-            self._warn("artifact upload", e)
+            self._warn(what, e)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._guarded("artifact upload", "log_artifact", path, artifact_path)
 
     def log_artifacts(self, directory: str, artifact_path: str | None = None) -> None:
-        if not self.enabled:
-            return
-        try:
-            self._client.log_artifacts(self.run_id, directory, artifact_path)
-        except Exception as e:  # noqa: BLE001
-            self._warn("artifact upload", e)
+        self._guarded("artifact upload", "log_artifacts", directory, artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
-        if not self.enabled:
-            return
-        try:
-            self._client.set_tag(self.run_id, key, value)
-        except Exception as e:  # noqa: BLE001
-            self._warn("tagging", e)
+        self._guarded("tagging", "set_tag", key, value)
 
     def end(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
         self.flush()
-        try:
-            self._client.set_terminated(self.run_id, status=status)
-        except Exception as e:  # noqa: BLE001
-            self._warn("closing the run", e)
+        self._guarded("closing the run", "set_terminated", status=status)
