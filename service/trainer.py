@@ -124,16 +124,22 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    data.check_columns(  # fail fast on bad data, before any Ray process starts
+        spec.data.train, spec.storage, [spec.data.image_column, spec.data.caption_column]
+    )
+    if spec.data.val:
+        data.check_columns(
+            spec.data.val,
+            spec.storage,
+            [spec.data.image_column, spec.data.caption_column],
+            field="data.val",
+        )
     run_dir = Path(spec.run.output_dir) / spec.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_yaml = spec.to_yaml()
     (run_dir / "job.yaml").write_text(spec_yaml, encoding="utf-8")
-
     init_ray(spec)
     check_fits(spec)
-    data.check_columns(
-        spec.data.train, spec.storage, [spec.data.image_column, spec.data.caption_column]
-    )
     storage_path, fs, storage_uri = storage(spec)
     latest = ckpt.find_latest(storage_path, spec.run.name, fs)
     if latest:

@@ -182,3 +182,28 @@ def test_schema_command_prints_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "data" in schema["required"] and "model" in schema["properties"]
+
+
+def test_bad_datasets_fail_fast_with_one_line(tmp_path, capsys):
+    """Checked before any Ray process starts: missing columns, no shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "nocols").mkdir()
+    pq.write_table(
+        pa.table({"key": ["0"], "image": [b"x"], "text": ["a cat"]}),
+        tmp_path / "nocols" / "part-0.parquet",
+    )
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "nocols": "data.train: column 'jpg' not found",
+        "empty": "data.train: no Parquet files",
+    }
+    for folder, message in cases.items():
+        job = write_job(
+            tmp_path, data={"train": str(tmp_path / folder)}, tracking={"enabled": False}
+        )
+        assert main(["run", job]) == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], errors
+        assert not (tmp_path / "runs").exists()  # nothing left behind
