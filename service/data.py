@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from service.spec import JobSpec, StorageSection
 
-S3_MAX_ATTEMPTS = 5
+S3_MAX_ATTEMPTS = 10
 READ_NUM_CPUS = 0.25
 """CPUs per Parquet read task: reading is mostly I/O; leaves room next to training workers."""
 READ_ROWS_PER_BLOCK = 256
@@ -66,6 +66,29 @@ R_TRANSFORM = "transform failed"
 # ---------------------------------------------------------------- filesystems and sources
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with retries (backoff, S3_MAX_ATTEMPTS tries) that survive pickling.
+
+    A plain S3FileSystem drops its retry strategy when pickled, so the copies that Ray sends to
+    the train controller, the workers and the data tasks would retry only a few times in about
+    a second: a brief S3 outage then fails the run. This keeps the options and rebuilds it with
+    the same retries. Credentials are never among the options: each process takes them from
+    the AWS chain, so they are not pickled either.
+    """
+
+    def __init__(self, **options: Any):
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
+        super().__init__(retry_strategy=retry, **options)
+        self._options = options
+
+    def __reduce__(self):
+        return _rebuild_s3, (self._options,)
+
+
+def _rebuild_s3(options: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**options)
+
+
 def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
     """An S3FileSystem for the spec's endpoint/region; credentials from the AWS chain only."""
     endpoint = getattr(storage, "endpoint_url", None) or (
@@ -74,9 +97,7 @@ def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
     region = getattr(storage, "region", None) or (
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
     )
-    kwargs: dict[str, Any] = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
-    }
+    kwargs: dict[str, Any] = {}
     if region:
         kwargs["region"] = region
     if endpoint:
@@ -88,7 +109,7 @@ def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
             kwargs["scheme"] = "https"
             endpoint = endpoint[len("https://") :]
         kwargs["endpoint_override"] = endpoint
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
 
 
 def _first_line(e: BaseException) -> str:

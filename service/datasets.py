@@ -105,16 +105,12 @@ def _split_uri(uri: str) -> tuple[str, str]:
 
 
 def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    from .data import s3_filesystem
+    from .spec import StorageSection
+
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs: dict[str, Any] = {"region": region or "us-east-1"}  # never probe EC2 metadata
-    if endpoint_url:
-        scheme, sep, host = endpoint_url.partition("://")
-        if sep:
-            kwargs["scheme"], kwargs["endpoint_override"] = scheme, host.rstrip("/")
-        else:
-            kwargs["endpoint_override"] = endpoint_url.rstrip("/")
-    return pafs.S3FileSystem(**kwargs)
+    # A region always given: pyarrow never probes EC2 metadata for one.
+    return s3_filesystem(StorageSection(endpoint_url=endpoint_url, region=region or "us-east-1"))
 
 
 def open_fs(

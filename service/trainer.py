@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 
 from maskclip.tokenizer import Tokenizer
@@ -82,7 +83,15 @@ def storage(spec: JobSpec):
     """(storage_path for Ray, pyarrow filesystem or None, display URI)."""
     path = spec.storage_path()
     if path.startswith("s3://"):
-        return path[len("s3://") :], data.s3_filesystem(spec.storage), path
+        fs = data.s3_filesystem(spec.storage)
+        bucket = path[len("s3://") :].split("/", 1)[0]
+        try:
+            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError as e:
+            raise UserError(f"checkpoint.storage_path: cannot reach {path!r}: {e}") from None
+        if missing:
+            raise UserError(f"checkpoint.storage_path: bucket {bucket!r} does not exist ({path!r})")
+        return path[len("s3://") :], fs, path
     Path(path).mkdir(parents=True, exist_ok=True)
     return path, None, path
 
@@ -134,13 +143,13 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             [spec.data.image_column, spec.data.caption_column],
             field="data.val",
         )
+    storage_path, fs, storage_uri = storage(spec)  # a missing bucket fails here too
     run_dir = Path(spec.run.output_dir) / spec.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_yaml = spec.to_yaml()
     (run_dir / "job.yaml").write_text(spec_yaml, encoding="utf-8")
     init_ray(spec)
     check_fits(spec)
-    storage_path, fs, storage_uri = storage(spec)
     latest = ckpt.find_latest(storage_path, spec.run.name, fs)
     if latest:
         print(f"resuming {spec.run.name} from checkpoint at step {latest[1]['step']}", flush=True)

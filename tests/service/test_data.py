@@ -350,3 +350,38 @@ def test_build_dataset_user_errors(ray_local, make_spec, tokenizer, tmp_path):
         D.build_dataset(
             make_spec(data={"val": str(tmp_path / "missing")}), "val", tokenizer.to_json(), None
         )
+
+
+def test_s3_filesystem_keeps_its_retries_when_pickled(s3_server):
+    """Ray pickles the filesystem to the controller, workers and data tasks; a plain
+    pyarrow S3FileSystem comes back with ~1 s of retries. Ours still waits out a server that
+    only starts 3 s after the request."""
+    import pickle
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from service.spec import StorageSection
+    from tests.service.conftest import _free_port
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    fs = pickle.loads(
+        pickle.dumps(D.s3_filesystem(StorageSection(endpoint_url=endpoint, region="us-east-1")))
+    )
+    assert isinstance(fs, D.RetryingS3FileSystem)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
+        Bucket="late-server"
+    )  # moto's state is per process: the late server on `port` serves this bucket too
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    starter = threading.Timer(3.0, server.start)
+    starter.start()
+    try:
+        t = time.perf_counter()
+        info = fs.get_file_info("late-server")
+        assert info.type.name == "Directory"
+        assert time.perf_counter() - t >= 2.9
+    finally:
+        starter.join()
+        server.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
+from tests.service.conftest import _free_port
 from tests.service.test_run import summary, write_job
 
 pytestmark = pytest.mark.slow
@@ -209,3 +210,87 @@ def test_sigterm_checkpoints_before_exit_and_rerun_resumes(synth_parquet, tmp_pa
     assert "stopped by signal after checkpointing" in output
     steps = _checkpoint_steps(tmp_path / "runs" / "checkpoints")
     assert steps and 4 <= steps[-1] < 5000  # checkpointed although every_steps is 1000
+
+
+def test_s3_outage_mid_run_is_retried_and_the_run_continues(
+    ray_local, s3_server, synth_parquet, tmp_path, capfd
+):
+    """Stop the S3 server (moto) mid-run for a few seconds and start it again on the same port:
+    shard reads and checkpoint uploads wait in the S3 client's retries, no worker restarts, and
+    every checkpoint that fell in the outage is still written."""
+    import threading
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="outage")
+    for f in Path(synth_parquet).glob("*.parquet"):  # 96 rows: 12 steps an epoch, re-read often
+        s3.put_object(Bucket="outage", Key=f"train/{f.name}", Body=f.read_bytes())
+    job = write_job(
+        tmp_path,
+        data={"train": "s3://outage/train/"},
+        optim={"batch_size": 8, "max_steps": 100, "log_every": 10},
+        checkpoint={"storage_path": "s3://outage/ckpt", "every_steps": 5, "keep": 100},
+        storage={"endpoint_url": endpoint, "region": "us-east-1"},
+        tracking={"enabled": False},
+    )
+
+    def steps() -> list[int]:
+        keys = s3.list_objects_v2(Bucket="outage", Prefix="ckpt/").get("Contents", [])
+        metas = [k["Key"] for k in keys if k["Key"].endswith("/meta.json")]
+        return sorted(
+            json.loads(s3.get_object(Bucket="outage", Key=k)["Body"].read())["step"] for k in metas
+        )
+
+    outage: dict = {}
+
+    def cut_and_restore():
+        nonlocal server
+        if not _wait_for(lambda: any(s >= 10 for s in steps()), 240):
+            return
+        outage["step"] = max(steps())
+        server.stop()  # connections are now refused
+        time.sleep(4)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # same state, same port
+        server.start()
+        outage["restored"] = True
+
+    thread = threading.Thread(target=cut_and_restore, daemon=True)
+    thread.start()
+    try:
+        assert main(["run", job]) == 0
+        thread.join(30)
+        written = steps()
+    finally:
+        if outage.get("restored") or not thread.is_alive():
+            server.stop()
+    out = capfd.readouterr().out
+    assert outage.get("restored"), "the outage was never injected"
+    assert outage["step"] < 100, "the run had finished before the outage"
+    assert "a worker restart resumed" not in out  # the client's retries carried it, no restart
+    assert summary(out)["checkpoint"].startswith("s3://outage/ckpt/t/")
+    assert written == list(range(5, 101, 5))  # none lost to the outage, none repeated
+
+
+def test_missing_checkpoint_bucket_is_one_line_error(
+    ray_local, s3_server, synth_parquet, tmp_path, capsys
+):
+    job = write_job(
+        tmp_path,
+        data={"train": synth_parquet},
+        checkpoint={"storage_path": "s3://no-such-ckpt-bucket/runs"},
+        storage={"endpoint_url": s3_server, "region": "us-east-1"},
+        tracking={"enabled": False},
+    )
+    assert main(["run", job]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: checkpoint.storage_path: bucket 'no-such-ckpt-bucket' does not exist "
+        "('s3://no-such-ckpt-bucket/runs')"
+    )
