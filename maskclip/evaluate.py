@@ -69,19 +69,48 @@ def _ranks(sim: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def retrieval_recall(
-    image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    caption_ids: Sequence[int] | torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Recall@K both ways, with pair i <-> i as the ground truth; k is clipped to N."""
+    """Recall@K both ways over N image-caption pairs; k is clipped to the candidates.
+
+    Without `caption_ids`, pair i <-> i is the only match and ties count against it. With
+    `caption_ids` (one int per pair, equal for identical captions, as in template-captioned data
+    where hundreds of images share one caption string) matches are COCO-style: image->text ranks
+    the distinct captions and hits when the image's own caption is in the top K; text->image
+    hits when any image carrying that caption is in the top K (averaged over the N captions).
+    With all captions distinct both forms agree.
+    """
     img = F.normalize(_tensor(image_features), dim=-1)
     txt = F.normalize(_tensor(text_features), dim=-1)
     if img.shape[0] != txt.shape[0]:
         raise ValueError(f"need paired features, got {img.shape[0]} images, {txt.shape[0]} texts")
-    sim = img @ txt.T
-    n = sim.shape[0]
+    n = img.shape[0]
+    if caption_ids is None:
+        sim = img @ txt.T
+        i2t, t2i, n_txt = _ranks(sim), _ranks(sim.T), n
+    else:
+        ids = torch.as_tensor(caption_ids).reshape(-1)
+        if ids.shape[0] != n:
+            raise ValueError(f"need one caption id per pair, got {ids.shape[0]} for {n} pairs")
+        _, group = torch.unique(ids, return_inverse=True)  # [N] in 0..U-1
+        n_txt = int(group.max()) + 1
+        first = torch.full((n_txt,), n, dtype=torch.long)
+        first.scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+        sim = img @ txt[first].T  # [N images, U distinct captions]
+        own = sim.gather(1, group[:, None])
+        i2t = (sim >= own).sum(dim=1) - 1
+        positive = group[None, :] == torch.arange(n_txt)[:, None]  # [U, N]
+        sim_t = sim.T
+        best = sim_t.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        rank_u = (sim_t.masked_fill(positive, float("-inf")) >= best).sum(dim=1)
+        t2i = rank_u[group]
     out = {}
-    for name, ranks in (("image_to_text", _ranks(sim)), ("text_to_image", _ranks(sim.T))):
+    for name, ranks, candidates in (("image_to_text", i2t, n_txt), ("text_to_image", t2i, n)):
         for k in ks:
-            out[f"{name}_R@{k}"] = (ranks < min(k, n)).float().mean().item()
+            out[f"{name}_R@{k}"] = (ranks < min(k, candidates)).float().mean().item()
     return out
 
 

@@ -338,6 +338,12 @@ class Features:
     texts: torch.Tensor | None  # [N, D] normalised (captions), when asked for
     labels: list[str] | None
     bad: int = 0
+    captions: list[str] | None = None  # when texts were asked for
+
+    def caption_ids(self) -> list[int]:
+        """Equal ids for identical caption strings (several true matches in retrieval)."""
+        index: dict[str, int] = {}
+        return [index.setdefault(c, len(index)) for c in self.captions or []]
 
 
 def _join(uri: str, name: str) -> str:
@@ -376,6 +382,7 @@ def encode_parquet(
         columns.append(label_column)
     img_out: list[torch.Tensor] = []
     txt_out: list[torch.Tensor] = []
+    captions: list[str] = []
     labels: list[str] = []
     pending_img: list[torch.Tensor] = []
     pending_txt: list[str] = []
@@ -424,6 +431,7 @@ def encode_parquet(
                     pending_img.append(img)
                     if need_text:
                         pending_txt.append(str(caption))
+                        captions.append(str(caption))
                     if need_labels:
                         labels.append(str(label))
                     n += 1
@@ -443,6 +451,7 @@ def encode_parquet(
         torch.cat(txt_out) if need_text else None,
         labels if need_labels else None,
         bad,
+        captions if need_text else None,
     )
 
 
@@ -596,7 +605,10 @@ def evaluate(
         result["zero_shot"] = {**zs, "templates": prompt_list}
     if retrieval:
         if shared is not None:
-            feats = Features(shared.images[:retrieval_cap], shared.texts[:retrieval_cap], None)
+            cap = retrieval_cap
+            feats = Features(
+                shared.images[:cap], shared.texts[:cap], None, 0, shared.captions[:cap]
+            )
         else:
             feats = encode_parquet(
                 model,
@@ -609,7 +621,7 @@ def evaluate(
             )
         from maskclip.evaluate import retrieval_recall
 
-        metrics.update(retrieval_recall(feats.images, feats.texts))
+        metrics.update(retrieval_recall(feats.images, feats.texts, caption_ids=feats.caption_ids()))
         rows["retrieval"] = feats.images.shape[0]
     if linear_probe:
         train_cap = probe_rows or max_rows

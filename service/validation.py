@@ -15,19 +15,22 @@ from maskclip.synthetic import prompt_templates
 
 @torch.no_grad()
 def encode_dataset(model, batches, device, max_rows: int = 2000):
-    imgs, txts, labels = [], [], []
+    imgs, txts, tokens, labels = [], [], [], []
     n = 0
     for batch in batches:
         imgs.append(model.encode_image(batch["image"].to(device)).float().cpu())
         txts.append(model.encode_text(batch["tokens"].to(device)).float().cpu())
+        tokens.append(batch["tokens"].cpu())
         if "label" in batch:
             labels.extend(str(x) for x in batch["label"])
         n += len(batch["image"])
         if n >= max_rows:
             break
     if not imgs:
-        return None, None, []
-    return torch.cat(imgs), torch.cat(txts), labels
+        return None, None, None, []
+    # Identical token rows are identical captions: retrieval counts any of them as a match.
+    _, caption_ids = torch.unique(torch.cat(tokens), dim=0, return_inverse=True)
+    return torch.cat(imgs), torch.cat(txts), caption_ids, labels
 
 
 def validate(model, tokenizer, val_shard, device, max_rows: int = 2000) -> dict[str, float]:
@@ -35,10 +38,11 @@ def validate(model, tokenizer, val_shard, device, max_rows: int = 2000) -> dict[
         {k: torch.from_numpy(v) if k in ("image", "tokens") else v for k, v in b.items()}
         for b in val_shard.iter_batches(batch_size=128, batch_format="numpy")
     )
-    img, txt, labels = encode_dataset(model, batches, device, max_rows)
+    img, txt, caption_ids, labels = encode_dataset(model, batches, device, max_rows)
     if img is None:
         return {}
-    metrics = {f"val_{k}": v for k, v in retrieval_recall(img, txt).items()}
+    recall = retrieval_recall(img, txt, caption_ids=caption_ids)
+    metrics = {f"val_{k}": v for k, v in recall.items()}
     if labels:
         names = sorted(set(labels))
         index = {c: i for i, c in enumerate(names)}

@@ -124,3 +124,33 @@ def test_confusion_matrix():
     assert cm.shape == (4, 4) and cm.sum() == 6 and np.trace(cm) == 3
     with pytest.raises(ValueError):
         confusion_matrix([0, 4], [0, 1], 4)
+
+
+def test_retrieval_caption_ids_all_distinct_agree():
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    plain = retrieval_recall(img, txt, ks=(1, 3, 12))
+    grouped = retrieval_recall(img, txt, ks=(1, 3, 12), caption_ids=list(range(12)))
+    assert grouped == pytest.approx(plain)
+
+
+def test_retrieval_duplicate_captions_are_one_candidate():
+    # 6 images of 3 classes, captions are the class name: texts of one class are identical.
+    cls = torch.tensor([0, 0, 1, 1, 2, 2])
+    img = torch.eye(3)[cls] + 0.01 * torch.arange(6.0)[:, None]  # images near their class axis
+    txt = torch.eye(3)[cls]
+    plain = retrieval_recall(img, txt, ks=(1,))
+    assert plain["image_to_text_R@1"] == 0.0  # the duplicate caption ties and counts against
+    grouped = retrieval_recall(img, txt, ks=(1, 2), caption_ids=cls)
+    assert grouped["image_to_text_R@1"] == 1.0
+    assert grouped["text_to_image_R@1"] == 1.0  # any image of the caption is a hit
+    # Swap the images of class 1 and 2: every class-1/2 query now misses at rank 1.
+    swapped = retrieval_recall(img[[0, 1, 4, 5, 2, 3]], txt, ks=(1, 3), caption_ids=cls)
+    assert swapped["image_to_text_R@1"] == pytest.approx(2 / 6)
+    assert swapped["text_to_image_R@1"] == pytest.approx(2 / 6)
+    assert swapped["image_to_text_R@3"] == 1.0  # only 3 distinct captions to rank
+
+
+def test_retrieval_caption_ids_length_checked():
+    with pytest.raises(ValueError, match="caption id"):
+        retrieval_recall(torch.eye(3), torch.eye(3), caption_ids=[0, 1])
