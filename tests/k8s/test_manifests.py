@@ -191,6 +191,26 @@ def test_pods_run_as_non_root(path, index, doc):
             assert sc.get("runAsUser", pod_sc.get("runAsUser")) != 0, f"{where} {c['name']}"
 
 
+@pytest.mark.parametrize("path,index,doc", DOCS, ids=DOC_IDS)
+def test_containers_have_read_only_root_and_writable_scratch(path, index, doc):
+    """Every container runs on a read-only root filesystem; what Ray, Python and torch write
+    (/tmp, /tmp/ray, $HOME caches) goes to mounted emptyDirs."""
+    for where, pod in iter_pod_specs(doc):
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        for c in (pod.get("initContainers") or []) + pod.get("containers", []):
+            sc = c.get("securityContext") or {}
+            name = f"{path.name} {where} {c['name']}"
+            assert sc.get("readOnlyRootFilesystem") is True, name
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
+            assert "/tmp" in mounts, f"{name}: /tmp must be a writable volume"
+            for m in mounts.values():
+                assert m["name"] in volumes, f"{name}: mount of undeclared volume {m['name']}"
+            if doc["kind"] in ("RayCluster", "RayJob"):
+                home = {e["name"]: e.get("value") for e in c.get("env") or []}.get("HOME")
+                assert home in mounts and "emptyDir" in volumes[mounts[home]["name"]], name
+                assert "emptyDir" in volumes[mounts["/tmp/ray"]["name"]], name
+
+
 def test_raycluster_shape():
     spec = _one("RayCluster", "maskclip")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
