@@ -259,9 +259,10 @@ def main() -> int:
     failures: list[str] = []
     commands: list[str] = []
 
-    for arm in args.arms:
-        job = ROOT / "jobs" / "repro" / f"{arm}.yaml"
-        for seed in range(args.seeds):
+    # Seed-major order: an interrupted study still has every arm at the seeds it finished.
+    for seed in range(args.seeds):
+        for arm in args.arms:
+            job = ROOT / "jobs" / "repro" / f"{arm}.yaml"
             name = f"{arm}-s{seed}"
             sets = [
                 f"run.seed={seed}",

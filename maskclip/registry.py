@@ -35,6 +35,17 @@ def maskclip_nano() -> ModelConfig:
 
 
 @register_model
+def maskclip_micro() -> ModelConfig:
+    """Reproduction size: thousands of steps in minutes on 2 CPU cores (32 px, patch 8 -> 16
+    patches, width 128; context 16 fits the Fashion-MNIST templates)."""
+    return ModelConfig(
+        embed_dim=96,
+        vision=VisionConfig(image_size=32, patch_size=8, width=128, depth=4, heads=4),
+        text=TextConfig(vocab_size=1024, context_length=16, width=96, depth=2, heads=2),
+    )
+
+
+@register_model
 def maskclip_tiny() -> ModelConfig:
     """CPU test/demo size (32 px, patch 4 -> 64 patches, width 192)."""
     return ModelConfig(

@@ -62,7 +62,7 @@ class ModelSection(Section):
     mode: Literal["efficient", "faithful"] = "efficient"
     mask_ratio: Fraction = 0.75
     masking: Literal["block", "random"] = "block"
-    distill_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
+    distill_fraction: Annotated[float, Field(gt=0, le=1)] = 0.125
     contrastive_weight: NonNegFloat = 1.0
     image_distill_weight: NonNegFloat = 1.0
     text_distill_weight: NonNegFloat = 1.0
