@@ -202,21 +202,40 @@ class MaskCLIP(nn.Module):
         text_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Full-view embeddings for the contrastive loss, plus (when masks are given) the
-        student's predictions at masked positions for the first `len(mask)` rows."""
-        out = {
-            "image_features": self.encode_image(images),
-            "text_features": self.encode_text(tokens),
-            "logit_scale": self.scale(),
-        }
-        if image_mask is not None:
+        student's predictions at masked positions for the first `len(mask)` rows.
+
+        Passes with equal sequence lengths share one batch (rows never interact): the masked
+        captions ride with the full ones, and in faithful mode the masked images (mask tokens,
+        all positions) ride with the full images. Bigger matmuls, half the kernel launches.
+        """
+        n = images.shape[0]
+        efficient = self.cfg.distill.mode == "efficient"
+        out: dict[str, torch.Tensor] = {"logit_scale": self.scale()}
+
+        if image_mask is not None and not efficient:
             b = image_mask.shape[0]
-            efficient = self.cfg.distill.mode == "efficient"
-            enc = self.visual.tokens(images[:b], image_mask, visible_only=efficient)
-            pred = self.image_decoder(enc, image_mask)
+            keep = torch.zeros(n, image_mask.shape[1], dtype=torch.bool, device=images.device)
+            both = self.visual.tokens(
+                torch.cat([images, images[:b]]), torch.cat([keep, image_mask])
+            )
+            full_img, masked_enc = both[:n], both[n:]
+        else:
+            full_img = self.visual.tokens(images)
+            masked_enc = None
+            if image_mask is not None:
+                masked_enc = self.visual.tokens(images[: image_mask.shape[0]], image_mask, True)
+        out["image_features"] = F.normalize(self.visual.embed(full_img), dim=-1)
+        if image_mask is not None:
+            pred = self.image_decoder(masked_enc, image_mask)
             out["image_pred"] = pred
             if self.image_prototypes is not None:
                 out["image_scores"] = self.image_prototypes(pred)
+
         if masked_tokens is not None:
-            feats = self.text.tokens(masked_tokens)
-            out["text_pred"] = self.text_head(feats[text_mask])
+            both = self.text.tokens(torch.cat([tokens, masked_tokens]))
+            full_txt = both[:n]
+            out["text_pred"] = self.text_head(both[n:][text_mask])
+        else:
+            full_txt = self.text.tokens(tokens)
+        out["text_features"] = F.normalize(self.text.embed(full_txt, tokens), dim=-1)
         return out

@@ -78,3 +78,36 @@ def test_library_never_imports_service_dependencies():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", ["faithful", "efficient"])
+def test_shared_batch_passes_equal_separate_passes(mode):
+    """forward() runs equal-length passes in one batch; each output must equal its own pass."""
+    import torch.nn.functional as F
+
+    from maskclip.masking import patch_mask, text_mask
+
+    torch.manual_seed(0)
+    cfg = get_config("maskclip_nano", distill={"mode": mode})
+    model = create_model(cfg).eval()
+    images = torch.randn(6, 3, 32, 32)
+    tokens = torch.randint(5, cfg.text.vocab_size, (6, cfg.text.context_length))
+    tokens[:, 12:] = 0  # padding
+    g = torch.Generator().manual_seed(1)
+    b = 4
+    mask = patch_mask("random", b, model.visual.grid, 0.5, g)
+    masked, tmask = text_mask(tokens[:b], 0.3, (0, 1, 2), 3, g)
+    with torch.no_grad():
+        out = model(images, tokens, mask, masked, tmask)
+        efficient = mode == "efficient"
+        enc = model.visual.tokens(images[:b], mask, visible_only=efficient)
+        ref = {
+            "image_features": F.normalize(model.visual.embed(model.visual.tokens(images)), dim=-1),
+            "text_features": F.normalize(
+                model.text.embed(model.text.tokens(tokens), tokens), dim=-1
+            ),
+            "image_pred": model.image_decoder(enc, mask),
+            "text_pred": model.text_head(model.text.tokens(masked)[tmask]),
+        }
+    for key, value in ref.items():
+        torch.testing.assert_close(out[key], value, rtol=1e-4, atol=1e-5, msg=key)
