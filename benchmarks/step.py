@@ -102,7 +102,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["maskclip_tiny", "maskclip_vit_b16"])
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 8], help="one per size")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved timed rounds per size (default 15 for <= 64 px sizes, 3 above)",
+    )
     args = ap.parse_args()
     batches = args.batch + [args.batch[-1]] * (len(args.sizes) - len(args.batch))
     torch.set_num_threads(torch.get_num_threads())
@@ -112,7 +117,8 @@ def main() -> None:
     )
     results = {}
     for name, batch in zip(args.sizes, batches):
-        ratios, achieved = bench_size(name, batch, args.repeats)
+        repeats = args.repeats or (15 if get_config(name).vision.image_size <= 64 else 3)
+        ratios, achieved = bench_size(name, batch, repeats)
         best = min((k for k in ratios if k != "clip"), key=ratios.get)
         results[name] = (ratios[best], achieved / gemm, best)
         print(

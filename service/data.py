@@ -616,6 +616,9 @@ def build_dataset(
     import ray
     import ray.data
 
+    from .data_pacing import install
+
+    install()  # before the Dataset exists: it keeps a copy of the current DataContext
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     d = spec.data

@@ -385,3 +385,26 @@ def test_s3_filesystem_keeps_its_retries_when_pickled(s3_server):
     finally:
         starter.join()
         server.stop()
+
+
+def test_idle_scheduling_loop_is_paced_and_busy_steps_are_not():
+    from service.data_pacing import MIN_STEP_S, PaceIdleLoop
+
+    pace = PaceIdleLoop()
+    t = time.perf_counter()
+    for _ in range(11):  # a spinning loop: back-to-back steps
+        pace.on_execution_step(None)
+    assert time.perf_counter() - t >= 10 * MIN_STEP_S * 0.95
+    assert pace.paused == 10
+    time.sleep(MIN_STEP_S * 1.5)  # a step that waited on tasks
+    t = time.perf_counter()
+    pace.on_execution_step(None)
+    assert time.perf_counter() - t < MIN_STEP_S / 2 and pace.paused == 10
+
+
+def test_datasets_carry_the_pacing_callback(ray_local, make_spec, tokenizer):
+    from service.data_pacing import PaceIdleLoop
+
+    ds = D.build_dataset(make_spec(), "train", tokenizer.to_json(), None)
+    assert PaceIdleLoop in ds.context.custom_execution_callback_classes
+    assert PaceIdleLoop in ds.context.execution_callback_classes
