@@ -88,7 +88,8 @@ def storage(spec: JobSpec):
         try:
             missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
         except OSError as e:
-            raise UserError(f"checkpoint.storage_path: cannot reach {path!r}: {e}") from None
+            msg = data._first_line(e)
+            raise UserError(f"checkpoint.storage_path: cannot reach {path!r}: {msg}") from None
         if missing:
             raise UserError(f"checkpoint.storage_path: bucket {bucket!r} does not exist ({path!r})")
         return path[len("s3://") :], fs, path
