@@ -57,10 +57,14 @@ class DistillConfig:
     inserts mask tokens; distillation runs on `distill_fraction` of the batch. The contrastive
     loss always sees the full image in both modes."""
     distill_fraction: float = 0.125
-    """Efficient mode only: fraction of the batch (first rows, at least one) that gets the
-    distillation passes. The extra cost grows with it: counted training FLOPs over CLIP are
-    1.10x at 0.125 and 1.19x at 0.25 for maskclip_tiny (benchmarks/step.py); 0.125 keeps the
-    step within the 1.15x budget."""
+    """Efficient mode only: masked student views per step, as a fraction of the batch (at
+    least one). The extra cost grows with it: counted training FLOPs over CLIP are 1.08x at
+    0.125 and 1.16x at 0.25 for maskclip_tiny with 2 masks per image (benchmarks/step.py)."""
+    masks_per_image: int = 2
+    """Efficient mode only: independent masks drawn for each distilled image (data2vec 2.0's
+    multi-mask). The EMA teacher encodes each image once and its targets serve all of that
+    image's masked views, so at batch 64 the 8 views come from 4 images and the teacher pass
+    costs half as much. 1 gives one view per image (teacher pass per view)."""
     decoder_depth: int = 2
     """Transformer blocks in the light decoder that predicts teacher patch features."""
     decoder_width: int = 0

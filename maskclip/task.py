@@ -71,10 +71,18 @@ class MaskCLIPTask(nn.Module):
         return self
 
     def distill_rows(self, batch: int) -> int:
+        """How many masked student views (image and caption) one step distils."""
         d = self.cfg.distill
         if d.mode == "faithful":
             return batch
         return min(batch, max(1, round(d.distill_fraction * batch)))
+
+    def view_sources(self, views: int, device: torch.device | None = None) -> torch.Tensor:
+        """Batch row of each masked image view: in efficient mode each of the first
+        ceil(views / masks_per_image) images gets `masks_per_image` consecutive views."""
+        d = self.cfg.distill
+        per = d.masks_per_image if d.mode == "efficient" else 1
+        return torch.arange(views, device=device) // max(1, per)
 
     def training_forward(
         self,
@@ -85,16 +93,17 @@ class MaskCLIPTask(nn.Module):
         """One step's forward: total loss and a report of detached named terms."""
         d = self.cfg.distill
         b = self.distill_rows(images.shape[0])
-        image_mask = masked_tokens = tmask = None
+        image_mask = masked_tokens = tmask = sources = None
         if d.image_enabled:
             image_mask = patch_mask(
                 d.masking, b, self.student.visual.grid, d.mask_ratio, generator
             ).to(images.device)
+            sources = self.view_sources(b, images.device)
         if d.text_enabled:
             masked_tokens, tmask = text_mask(
                 tokens[:b], d.text_mask_ratio, self.special_ids, self.mask_id, generator
             )
-        out = self.model(images, tokens, image_mask, masked_tokens, tmask)
+        out = self.model(images, tokens, image_mask, masked_tokens, tmask, sources)
 
         loss_clip = clip_loss(
             out["image_features"],
@@ -109,7 +118,7 @@ class MaskCLIPTask(nn.Module):
             "logit_scale": out["logit_scale"].detach(),
         }
         if d.image_enabled:
-            loss_img = self._image_distill(images[:b], image_mask, out)
+            loss_img = self._image_distill(images, sources, image_mask, out)
             total = total + d.image_weight * loss_img
             report["loss_image_distill"] = loss_img.detach()
             report["masked_fraction"] = image_mask.float().mean()
@@ -125,10 +134,12 @@ class MaskCLIPTask(nn.Module):
         report["loss"] = total.detach()
         return total, report
 
-    def _image_distill(self, images, mask, out) -> torch.Tensor:
+    def _image_distill(self, images, sources, mask, out) -> torch.Tensor:
         d = self.cfg.distill
         with torch.no_grad():
-            target = self.teacher["visual"].tokens(images)[:, 1:][mask]
+            # the teacher encodes each source image once; every view of it shares the result
+            seen = int(sources[-1]) + 1
+            target = self.teacher["visual"].tokens(images[:seen])[:, 1:][sources][mask]
             target = normalize_targets(target, d.target_norm)
             if self.proto_loss is not None:
                 return self.proto_loss(

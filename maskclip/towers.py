@@ -200,9 +200,12 @@ class MaskCLIP(nn.Module):
         image_mask: torch.Tensor | None = None,
         masked_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        image_sources: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Full-view embeddings for the contrastive loss, plus (when masks are given) the
-        student's predictions at masked positions for the first `len(mask)` rows.
+        student's predictions at masked positions: image view i masks image
+        `image_sources[i]` (default: the first `len(image_mask)` rows, one view each); masked
+        captions are the first `len(masked_tokens)` rows.
 
         Passes with equal sequence lengths share one batch (rows never interact): the masked
         captions ride with the full ones, and in faithful mode the masked images (mask tokens,
@@ -212,18 +215,21 @@ class MaskCLIP(nn.Module):
         efficient = self.cfg.distill.mode == "efficient"
         out: dict[str, torch.Tensor] = {"logit_scale": self.scale()}
 
-        if image_mask is not None and not efficient:
+        masked_images = None
+        if image_mask is not None:
             b = image_mask.shape[0]
+            masked_images = images[:b] if image_sources is None else images[image_sources]
+        if masked_images is not None and not efficient:
             keep = torch.zeros(n, image_mask.shape[1], dtype=torch.bool, device=images.device)
             both = self.visual.tokens(
-                torch.cat([images, images[:b]]), torch.cat([keep, image_mask])
+                torch.cat([images, masked_images]), torch.cat([keep, image_mask])
             )
             full_img, masked_enc = both[:n], both[n:]
         else:
             full_img = self.visual.tokens(images)
             masked_enc = None
-            if image_mask is not None:
-                masked_enc = self.visual.tokens(images[: image_mask.shape[0]], image_mask, True)
+            if masked_images is not None:
+                masked_enc = self.visual.tokens(masked_images, image_mask, True)
         out["image_features"] = F.normalize(self.visual.embed(full_img), dim=-1)
         if image_mask is not None:
             pred = self.image_decoder(masked_enc, image_mask)

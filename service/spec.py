@@ -63,6 +63,7 @@ class ModelSection(Section):
     mask_ratio: Fraction = 0.75
     masking: Literal["block", "random"] = "block"
     distill_fraction: Annotated[float, Field(gt=0, le=1)] = 0.125
+    masks_per_image: PosInt = 2
     contrastive_weight: NonNegFloat = 1.0
     image_distill_weight: NonNegFloat = 1.0
     text_distill_weight: NonNegFloat = 1.0
@@ -200,6 +201,7 @@ class JobSpec(Section):
                 "masking": m.masking,
                 "mode": m.mode,
                 "distill_fraction": m.distill_fraction,
+                "masks_per_image": m.masks_per_image,
                 "decoder_depth": m.decoder_depth,
                 "decoder_width": m.decoder_width,
                 "image_loss": m.image_loss,

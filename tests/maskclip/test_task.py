@@ -80,3 +80,37 @@ def test_short_training_run_loss_falls(mode):
         losses.append(report["loss_contrastive"].item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, (first, last)
+
+
+def test_multi_mask_views_reuse_one_teacher_pass_per_image():
+    """masks_per_image=2: 8 views of 4 images, one teacher pass per image, independent masks;
+    the distillation loss equals one-view-per-image on a batch that repeats those images."""
+    torch.manual_seed(0)
+    cfg = get_config("maskclip_nano", distill={"distill_fraction": 0.5, "masks_per_image": 2})
+    multi = MaskCLIPTask(cfg, special_ids=(0, 1, 2), mask_id=3)
+    single = MaskCLIPTask(
+        dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, masks_per_image=1)),
+        special_ids=(0, 1, 2),
+        mask_id=3,
+    )
+    single.load_state_dict(multi.state_dict())
+    images = torch.randn(16, 3, 32, 32)
+    tokens = torch.randint(4, 1000, (16, 32))
+    assert multi.view_sources(8).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+    teacher_batches = []
+    multi.teacher["visual"].trunk.patch_embed.register_forward_hook(
+        lambda m, args, out: teacher_batches.append(args[0].shape[0])
+    )
+    masks = []
+    multi.student.image_decoder.register_forward_hook(lambda m, args, out: masks.append(args[1]))
+    _, report = multi.training_forward(images, tokens, torch.Generator().manual_seed(3))
+    assert teacher_batches == [4]
+    (mask,) = masks
+    assert mask.shape == (8, multi.student.visual.num_patches)
+    assert all(not torch.equal(mask[i], mask[i + 1]) for i in range(0, 8, 2))
+
+    repeated = images.clone()
+    repeated[:8] = images[torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])]
+    _, ref = single.training_forward(repeated, tokens, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(report["loss_image_distill"], ref["loss_image_distill"])

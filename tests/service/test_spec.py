@@ -49,6 +49,11 @@ CASES = [
         "data: {train: DATA}\nmodel: {ema_momentum_start: 0.9, ema_momentum_end: 0.5}\n",
         "ema_momentum_start must not exceed",
     ),
+    (
+        "masks",
+        "data: {train: DATA}\nmodel: {masks_per_image: 0}\n",
+        "model.masks_per_image: Input should be greater than 0",
+    ),
     ("python-object", "data: !!python/object/apply:os.system ['echo hacked']\n", "malformed YAML"),
 ]
 
