@@ -11,7 +11,9 @@ one model, while the first step after switching arms starts with the other arms'
 the caches (it is ~25% slower for CLIP here, and more for the arms with an EMA teacher). That
 first-step ratio is printed beside the estimate, not hidden.
 It then counts the training FLOPs of the best MaskCLIP mode (torch.utils.flop_counter) and
-divides the achieved FLOP/s by this machine's large-GEMM FLOP/s measured in the same run. The
+divides the achieved FLOP/s (from the median step) by this machine's large-GEMM FLOP/s, sampled
+before every round and summarised by the same statistic (median; the best sample is printed
+too: one lucky GEMM against a typical step moved the ratio by ±0.05 here). The
 last two lines are for scripts: `maskclip/clip step ratio: X.XX` (best mode, CPU test size) and
 `flops/gemm ratio: X.XX`.
 """
@@ -32,16 +34,17 @@ from maskclip import MaskCLIPTask, clip_baseline, get_config
 MODES = ("efficient", "faithful")
 
 
-def gemm_flops(n: int = 2048, repeats: int = 10) -> float:
+def gemm_samples(n: int = 2048, repeats: int = 5, warm: int = 1) -> list[float]:
+    """FLOP/s of `repeats` timed n^3 fp32 matmuls, after `warm` untimed ones."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):  # warm the kernels and the thread pool
+    for _ in range(warm):  # warm the kernels and the thread pool
         a @ b
-    best = float("inf")
+    out = []
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+        out.append(2 * n**3 / (time.perf_counter() - t))
+    return out
 
 
 def make_arm(cfg, seed: int = 0):
@@ -72,7 +75,7 @@ def batch_for(cfg, batch: int):
 
 def bench_size(
     name: str, batch: int, rounds: int, block: int, seed: int = 0
-) -> tuple[dict[str, float], float]:
+) -> tuple[dict[str, float], float, float]:
     base = get_config(name)
     arms = {"clip": clip_baseline(base)}
     for mode in MODES:
@@ -84,7 +87,9 @@ def bench_size(
     warm: dict[str, list[list[float]]] = {k: [] for k in arms}  # per round, warm steps
     after_switch: dict[str, list[float]] = {k: [] for k in arms}
     order_rng = random.Random(seed)
+    gemm: list[float] = []
     for r in range(rounds + 1):  # round 0 warms kernels and allocator, untimed
+        gemm += gemm_samples(repeats=3)  # the machine's GEMM rate, sampled across the run
         order = list(built)
         order_rng.shuffle(order)  # no arm always follows the same neighbour
         for k in order:
@@ -119,7 +124,12 @@ def bench_size(
     lo, hi = bootstrap_ratio(warm[best], warm["clip"], random.Random(seed))
     print(f"  {best} / clip, 80% interval over resampled rounds: {lo:.2f}-{hi:.2f}")
     achieved = flops[best] / med[best]
-    return {k: v / med["clip"] for k, v in med.items()}, achieved
+    g = statistics.median(gemm)
+    print(
+        f"  large GEMM (2048^3 fp32, {torch.get_num_threads()} threads) during the run: median"
+        f" {g / 1e9:.1f} GFLOP/s over {len(gemm)} samples (best {max(gemm) / 1e9:.1f})"
+    )
+    return {k: v / med["clip"] for k, v in med.items()}, achieved, g
 
 
 def bootstrap_ratio(arm, clip, rng, draws=2000):
@@ -144,7 +154,7 @@ def main() -> None:
         type=int,
         default=None,
         help="timed rounds per size; each runs every arm once, in shuffled order "
-        "(default 8 for <= 64 px sizes, 2 above)",
+        "(default 8 for <= 64 px sizes, 3 above)",
     )
     ap.add_argument(
         "--block",
@@ -156,16 +166,12 @@ def main() -> None:
     args = ap.parse_args()
     batches = args.batch + [args.batch[-1]] * (len(args.sizes) - len(args.batch))
     torch.set_num_threads(torch.get_num_threads())
-    gemm = gemm_flops()
-    print(
-        f"large GEMM (2048^3 fp32): {gemm / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads"
-    )
     results = {}
     for name, batch in zip(args.sizes, batches):
         small = get_config(name).vision.image_size <= 64
-        rounds = args.rounds or (8 if small else 2)
+        rounds = args.rounds or (8 if small else 3)
         block = max(2, args.block or (5 if small else 3))
-        ratios, achieved = bench_size(name, batch, rounds, block)
+        ratios, achieved, gemm = bench_size(name, batch, rounds, block)
         best = min((k for k in ratios if k != "clip"), key=ratios.get)
         results[name] = (ratios[best], achieved / gemm, best)
         print(

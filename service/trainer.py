@@ -97,10 +97,13 @@ def storage(spec: JobSpec):
     return path, None, path
 
 
-def prepare_tokenizer(spec: JobSpec, latest) -> str:
+def prepare_tokenizer(spec: JobSpec, latest, fs=None) -> str:
+    """The tokenizer as JSON: the checkpoint's on resume (so prompts tokenize exactly as in
+    training), else a BPE trained on a sample of the training captions. `fs` is the
+    checkpoint filesystem the caller already holds (looked up from the spec if not given)."""
     if latest is not None:
         path, _ = latest
-        return ckpt.read_text(path, "tokenizer.json", storage(spec)[1])
+        return ckpt.read_text(path, "tokenizer.json", fs if fs is not None else storage(spec)[1])
     captions = data.sample_captions(spec, spec.data.tokenizer_captions)
     if not captions:
         raise UserError(f"data.train: no usable captions in {spec.data.train!r}")
@@ -154,7 +157,7 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
     latest = ckpt.find_latest(storage_path, spec.run.name, fs)
     if latest:
         print(f"resuming {spec.run.name} from checkpoint at step {latest[1]['step']}", flush=True)
-    tokenizer_json = prepare_tokenizer(spec, latest)
+    tokenizer_json = prepare_tokenizer(spec, latest, fs)
     (run_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     steps = total_steps(spec)
 
