@@ -1,15 +1,17 @@
 """Step-time and FLOP-efficiency benchmark for the MaskCLIP library (no Ray, no MLflow).
 
     python benchmarks/step.py                      # CPU test size + ViT-B/16 at small batch
-    python benchmarks/step.py --sizes maskclip_tiny --batch 64 --rounds 4
+    python benchmarks/step.py --sizes maskclip_tiny --batch 64 --rounds 8
 
 For each model size it times, on the same batch, full training steps (forward, backward, AdamW,
 EMA update) of CLIP (distillation off) and of MaskCLIP in each mode. Each round runs every arm
-for a block of consecutive steps, in shuffled order, so machine noise and drift hit the arms
-alike. The estimate is the median of the warm steps: a training loop runs step after step of
-one model, while the first step after switching arms starts with the other arms' weights in
-the caches (it is ~25% slower for CLIP here, and more for the arms with an EMA teacher). That
-first-step ratio is printed beside the estimate, not hidden.
+for a block of consecutive steps (default 2), in shuffled order, so machine noise and drift hit
+the arms alike; short blocks and many rounds keep the arms close in time, which matters on a
+shared machine whose slow spells last seconds. The estimate is the median of the warm steps
+(all but the first of each block): a training loop runs step after step of one model, while the
+first step after switching arms starts with the other arms' weights in the caches (~25% slower
+for CLIP here, more for the arms with an EMA teacher). That first-step ratio is printed beside
+the estimate, with an 80% bootstrap interval over rounds.
 It then counts the training FLOPs of the best MaskCLIP mode (torch.utils.flop_counter) and
 divides the achieved FLOP/s (from the median step) by this machine's large-GEMM FLOP/s, sampled
 before every round and summarised by the same statistic (median; the best sample is printed
@@ -154,14 +156,13 @@ def main() -> None:
         type=int,
         default=None,
         help="timed rounds per size; each runs every arm once, in shuffled order "
-        "(default 8 for <= 64 px sizes, 3 above)",
+        "(default 20 for <= 64 px sizes, 4 above)",
     )
     ap.add_argument(
         "--block",
         type=int,
         default=None,
-        help="consecutive steps per arm per round; the first is not in the estimate "
-        "(default 5 for <= 64 px sizes, 3 above)",
+        help="consecutive steps per arm per round; the first is not in the estimate (default 2)",
     )
     args = ap.parse_args()
     batches = args.batch + [args.batch[-1]] * (len(args.sizes) - len(args.batch))
@@ -169,8 +170,8 @@ def main() -> None:
     results = {}
     for name, batch in zip(args.sizes, batches):
         small = get_config(name).vision.image_size <= 64
-        rounds = args.rounds or (8 if small else 3)
-        block = max(2, args.block or (5 if small else 3))
+        rounds = args.rounds or (20 if small else 4)
+        block = max(2, args.block or 2)
         ratios, achieved, gemm = bench_size(name, batch, rounds, block)
         best = min((k for k in ratios if k != "clip"), key=ratios.get)
         results[name] = (ratios[best], achieved / gemm, best)
