@@ -77,12 +77,14 @@ class MaskCLIPTask(nn.Module):
             return batch
         return min(batch, max(1, round(d.distill_fraction * batch)))
 
+    def masks_per_image(self) -> int:
+        d = self.cfg.distill
+        return max(1, d.masks_per_image) if d.mode == "efficient" else 1
+
     def view_sources(self, views: int, device: torch.device | None = None) -> torch.Tensor:
         """Batch row of each masked image view: in efficient mode each of the first
         ceil(views / masks_per_image) images gets `masks_per_image` consecutive views."""
-        d = self.cfg.distill
-        per = d.masks_per_image if d.mode == "efficient" else 1
-        return torch.arange(views, device=device) // max(1, per)
+        return torch.arange(views, device=device) // self.masks_per_image()
 
     def training_forward(
         self,
@@ -138,7 +140,7 @@ class MaskCLIPTask(nn.Module):
         d = self.cfg.distill
         with torch.no_grad():
             # the teacher encodes each source image once; every view of it shares the result
-            seen = int(sources[-1]) + 1
+            seen = -(-mask.shape[0] // self.masks_per_image())  # from shapes: no device sync
             target = self.teacher["visual"].tokens(images[:seen])[:, 1:][sources][mask]
             target = normalize_targets(target, d.target_norm)
             if self.proto_loss is not None:
