@@ -23,12 +23,10 @@ from maskclip import MaskCLIPTask, ModelConfig
 from maskclip.config import DistillConfig, TextConfig, VisionConfig
 from maskclip.tokenizer import Tokenizer
 
+from .errors import CheckpointError
+
 FORMAT = 1
 META = "meta.json"
-
-
-class CheckpointError(Exception):
-    pass
 
 
 def rng_state() -> dict[str, Any]:

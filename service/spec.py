@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from maskclip.config import ModelConfig
 from maskclip.registry import get_config, list_models
 
+from .errors import SpecError
+
 PosInt = Annotated[int, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -29,14 +31,6 @@ CREDENTIALS_HELP = (
     "credentials never go in the job spec; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a "
     "profile, or the Kubernetes service account) in the environment"
 )
-
-
-class SpecError(Exception):
-    """A bad spec: `lines` are `path: message (got value)` strings."""
-
-    def __init__(self, lines: list[str] | str):
-        self.lines = [lines] if isinstance(lines, str) else list(lines)
-        super().__init__("\n".join(self.lines))
 
 
 class Section(BaseModel):

@@ -20,21 +20,13 @@ from maskclip.tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from . import data
 from .control import control_actor
-from .errors import UserError
+from .errors import RunStopped, StopReason, UserError
 from .spec import JobSpec
 from .tracking import Tracker, flatten, start_run
 from .train_loop import train_loop_per_worker
 
 # worker prints reach the terminal once (Ray Train's print patch would log them a second time)
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-
-
-class RunStopped(Exception):
-    """The run ended early (non-finite loss, too much bad data, a stop request)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def init_ray(spec: JobSpec) -> None:
@@ -269,14 +261,16 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
     print(f"mlflow run: {run_id}")
     if reason and reason.startswith("nonfinite"):
         raise RunStopped(
+            StopReason.NONFINITE,
             f"{reason.split(': ', 1)[1]}: the run stopped; the last good checkpoint "
             f"is {checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)"
         )
     if reason == "data":
-        raise RunStopped(_data_message(stats, spec), exit_code=2)
+        raise RunStopped(StopReason.DATA, _data_message(stats, spec))
     if reason == "signal":
         raise RunStopped(
-            "stopped by signal after checkpointing; run the same job again to resume", exit_code=143
+            StopReason.SIGNAL,
+            "stopped by signal after checkpointing; run the same job again to resume",
         )
     return result
 

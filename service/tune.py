@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import RunStopped, StopReason, UserError
 from .spec import JobSpec, apply_overrides, build_spec
 from .sweep_spec import SweepSection, override, validate_sweep
 from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, start_run
@@ -374,7 +374,7 @@ def run_sweep(spec: JobSpec):
     import ray.tune
     from ray.tune import TuneConfig, Tuner
 
-    from .trainer import RunStopped, init_ray, storage
+    from .trainer import init_ray, storage
 
     name = spec.run.name
     base = _absolute(spec)
@@ -488,6 +488,7 @@ def run_sweep(spec: JobSpec):
     print(f"mlflow run: {parent}")
     if rows and all(r.status == "error" for r in rows):
         raise RunStopped(
+            StopReason.FAILED,
             f"sweep {name}: all {len(rows)} trials failed (see the errors above); "
             "run the same sweep again to retry them"
         )

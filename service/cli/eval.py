@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .errors import UserError
+from ..errors import UserError
 
 _LABELS = {
     "zero_shot_top1": ("zero-shot top-1", "zero_shot"),
@@ -57,7 +57,7 @@ def format_result(result: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
 
     if not (args.zero_shot or args.retrieval or args.linear_probe):
         raise UserError("give at least one of --zero-shot, --retrieval, --linear-probe")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cluster
-from .cli import spec_args
+from .. import cluster
+from .common import spec_args
 
 TERMINAL_OK = "SUCCEEDED"
 
@@ -71,8 +71,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .k8s import dump_manifests, render_manifests
-    from .spec import load_spec
+    from ..k8s import dump_manifests, render_manifests
+    from ..spec import load_spec
 
     spec = cluster.for_cluster(load_spec(args.spec, args.overrides))
     for warning in cluster.cluster_warnings(spec):

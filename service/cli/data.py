@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import datasets
+from .. import datasets
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
