@@ -4,25 +4,46 @@
 
 Every problem becomes `SpecError`, whose lines read `path.to.field: what is wrong (got X)`.
 Credentials never live here: they come from the environment / AWS chain / service account.
+
+The `model:` section is built from `maskclip.config`'s dataclasses (fields, defaults, `Literal`
+choices, `bounds`, docstrings), so a model setting is declared once, in the library. Every field
+of every section has a docstring: `maskclip schema` prints it as the field's description.
+Importing this module loads pydantic and yaml, never torch or ray (the CLI's fast path).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from maskclip.config import ModelConfig
+from maskclip.config import (
+    ConfigError,
+    DistillConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+    field_docs,
+    field_types,
+)
 from maskclip.registry import get_config, list_models
 
 from .errors import SpecError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 SECRET_KEY = re.compile(
     r"(^|[_-])(secret|password|passwd|token|credentials?|api_?key|access_?key)([_-]|$)", re.I
@@ -34,41 +55,67 @@ CREDENTIALS_HELP = (
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # use_attribute_docstrings: the docstring under a field is its schema description
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 class RunSection(Section):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     """Run name: the same name resumes the same run (checkpoints and MLflow run)."""
     tags: dict[str, str] = {}
+    """Free-form MLflow tags set on the run."""
     seed: int = 0
+    """Seed of every random draw (init, masks, shuffles); each worker offsets it by its rank."""
     output_dir: str = "runs"
     """Local folder for run folders (checkpoints default here, tokenizer, resolved spec)."""
 
 
-class ModelSection(Section):
+RENAMED = {
+    "model.image_distill_weight": "model.image_weight",
+    "model.text_distill_weight": "model.text_weight",
+}
+"""Keys renamed to the library's names (DistillConfig's): a spec, `--set` or sweep path using
+the old name fails with one line naming the new one; there are no aliases."""
+
+LIBRARY_PARTS: dict[str, type] = {
+    "vision": VisionConfig,
+    "text": TextConfig,
+    "distill": DistillConfig,
+    "": ModelConfig,
+}
+"""The dataclass behind each part of a ModelConfig ("": ModelConfig itself)."""
+
+LIBRARY_KEYS: dict[str, str] = {
+    "image_size": "vision",
+    "context_length": "text",
+    "contrastive_weight": "",
+    **{f.name: "distill" for f in dataclasses.fields(DistillConfig)},
+}
+"""`model:` keys taken from the library, flat: every DistillConfig field and a few ModelConfig
+overrides (key -> its part). Their default, choices, range and description are the library's."""
+
+SIZE_DEFAULTS = ("image_size", "context_length")
+"""Keys that default to the registered size's own value (None in the spec)."""
+
+
+def _library_field(key: str) -> tuple[Any, Any]:
+    """A pydantic (annotation, FieldInfo) for a library field: its Literal/type, its `bounds`
+    metadata as constraints, its docstring as the description."""
+    cls = LIBRARY_PARTS[LIBRARY_KEYS[key]]
+    spec = next(f for f in dataclasses.fields(cls) if f.name == key)
+    kind = Annotated[field_types(cls)[key], Field(**spec.metadata.get("bounds", {}))]
+    doc = field_docs(cls).get(key, "")
+    if key in SIZE_DEFAULTS:
+        return kind | None, Field(None, description=f"{doc} Unset: the size's own value.")
+    assert spec.default is not dataclasses.MISSING, key
+    return kind, Field(spec.default, description=doc)
+
+
+class _ModelBase(Section):
     size: str = "maskclip_tiny"
-    image_size: PosInt | None = None
-    """Override the size's image resolution (must be divisible by its patch size)."""
+    """A registered model size (maskclip.registry): tower widths, depths, patch and image size."""
     vocab_size: Annotated[int, Field(ge=300)] = 4096
     """BPE vocabulary trained on the training captions (saved with every checkpoint)."""
-    context_length: PosInt | None = None
-    mode: Literal["efficient", "faithful"] = "efficient"
-    mask_ratio: Fraction = 0.75
-    masking: Literal["block", "random"] = "block"
-    distill_fraction: Annotated[float, Field(gt=0, le=1)] = 0.125
-    masks_per_image: PosInt = 2
-    contrastive_weight: NonNegFloat = 1.0
-    image_distill_weight: NonNegFloat = 1.0
-    text_distill_weight: NonNegFloat = 1.0
-    text_mask_ratio: Fraction = 0.15
-    text_target: Literal["teacher", "tokens"] = "teacher"
-    image_loss: Literal["cosine", "smooth_l1", "ibot"] = "cosine"
-    target_norm: Literal["layernorm", "none"] = "layernorm"
-    decoder_depth: PosInt = 2
-    decoder_width: Annotated[int, Field(ge=0)] = 0
-    ema_momentum_start: Annotated[float, Field(ge=0, le=1)] = 0.996
-    ema_momentum_end: Annotated[float, Field(ge=0, le=1)] = 1.0
 
     @field_validator("size")
     @classmethod
@@ -78,13 +125,30 @@ class ModelSection(Section):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> ModelSection:
-        if self.ema_momentum_start > self.ema_momentum_end:
-            raise ValueError("ema_momentum_start must not exceed ema_momentum_end")
-        patch = get_config(self.size).vision.patch_size
-        if self.image_size is not None and self.image_size % patch:
-            raise ValueError(f"image_size must be a multiple of the patch size {patch}")
+    def _consistent(self) -> _ModelBase:
+        self.to_config()  # the library's own cross-field checks; a ConfigError names the field
         return self
+
+    def to_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The library's ModelConfig: the registered size with this section's settings over it
+        (the vocabulary from the trained tokenizer when given)."""
+        parts: dict[str, dict[str, Any]] = {"vision": {}, "text": {}, "distill": {}, "": {}}
+        parts["text"]["vocab_size"] = vocab_size or self.vocab_size
+        for key, part in LIBRARY_KEYS.items():
+            value = getattr(self, key)
+            if value is not None:
+                parts[part][key] = value
+        top = parts.pop("")
+        return get_config(self.size, **parts, **top)
+
+
+ModelSection = create_model(
+    "ModelSection",
+    __base__=_ModelBase,
+    __doc__="The model: a registered size and the library's settings (maskclip.config).",
+    __module__=__name__,
+    **{key: _library_field(key) for key in LIBRARY_KEYS},
+)
 
 
 class DataSection(Section):
@@ -108,20 +172,27 @@ class DataSection(Section):
 
 class OptimSection(Section):
     lr: Annotated[float, Field(gt=0)] = 5e-4
+    """Peak AdamW learning rate (reached after warmup_steps)."""
     warmup_steps: Annotated[int, Field(ge=0)] = 20
+    """Steps of linear learning-rate warmup from 0."""
     schedule: Literal["cosine", "constant"] = "cosine"
+    """After warmup: 'cosine' decay to 0 at the last step, or 'constant'."""
     weight_decay: NonNegFloat = 0.1
+    """AdamW weight decay (not applied to biases, norms, embeddings or the logit scale)."""
     batch_size: PosInt = 64
     """Per worker."""
     max_steps: PosInt | None = 300
+    """Training steps (optimizer updates) in the run."""
     epochs: PosInt | None = None
     """Set exactly one of max_steps / epochs (epochs need a known dataset size)."""
     grad_clip: NonNegFloat = 1.0
+    """Clip the gradient's global norm to this (0: no clipping)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: 'stop' the run (last good checkpoint kept) or 'skip' the step."""
     log_every: PosInt = 10
+    """Log metrics (console and MLflow) every N steps."""
     val_every: Annotated[int, Field(ge=0)] = 0
     """Validate every N steps (0: only at the end)."""
 
@@ -134,10 +205,13 @@ class OptimSection(Section):
 
 class ScalingSection(Section):
     num_workers: PosInt = 1
+    """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
+    """Give each worker gpus_per_worker GPUs (the cluster must have them)."""
     cpus_per_worker: Annotated[float, Field(gt=0)] = 0.5
     """Fractional by default so Ray Data keeps CPUs to decode with (a 2-core laptop works)."""
     gpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    """GPUs per worker when use_gpu (fractions share a GPU)."""
     ray_address: str | None = None
     """None: start an embedded local Ray; 'auto' or ray://... joins an existing cluster."""
 
@@ -146,74 +220,60 @@ class CheckpointSection(Section):
     storage_path: str | None = None
     """Local folder or s3://bucket/prefix; default <run.output_dir>/checkpoints."""
     every_steps: PosInt = 100
+    """Checkpoint every N steps (and at the end); sweeps report at these steps."""
     keep: PosInt = 2
+    """Checkpoints kept (the newest); older ones are deleted."""
     max_failures: Annotated[int, Field(ge=0)] = 2
     """Worker failures survived per run (restart from the last checkpoint)."""
 
 
 class TrackingSection(Section):
     enabled: bool = True
+    """Log parameters, metrics and the model to MLflow."""
     tracking_uri: str | None = None
     """MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/mlflow.db."""
     experiment: str = "maskclip"
+    """MLflow experiment name (created if missing)."""
 
 
 class StorageSection(Section):
     endpoint_url: str | None = None
     """S3 endpoint override for S3-compatible servers (MinIO, moto, ...)."""
     region: str | None = None
+    """S3 region; default $AWS_REGION / $AWS_DEFAULT_REGION (us-east-1 with an endpoint_url)."""
 
 
 class JobSpec(Section):
     run: RunSection = RunSection()
+    """The run's name, seed, tags and output folder."""
     model: ModelSection = ModelSection()
+    """Model size and every MaskCLIP setting (maskclip.config's fields, flat)."""
     data: DataSection
+    """Training (and validation) Parquet shards and how rows are read."""
     optim: OptimSection = OptimSection()
+    """Optimizer, schedule, batch size and step budget."""
     scaling: ScalingSection = ScalingSection()
+    """Ray Train workers and their resources."""
     checkpoint: CheckpointSection = CheckpointSection()
+    """Where and how often checkpoints are written."""
     tracking: TrackingSection = TrackingSection()
+    """MLflow tracking."""
     storage: StorageSection = StorageSection()
+    """S3 endpoint and region (credentials come from the environment)."""
     sweep: dict[str, Any] | None = None
-    """Sweep section (see service.tune); ignored by `maskclip run`."""
+    """Sweep section (see service.sweep_spec); ignored by `maskclip run`."""
 
     def model_config_for(self, vocab_size: int | None = None) -> ModelConfig:
         """The library's ModelConfig for this spec (vocab size from the trained tokenizer)."""
-        m = self.model
-        vision = {"image_size": m.image_size} if m.image_size else {}
-        text: dict[str, Any] = {"vocab_size": vocab_size or m.vocab_size}
-        if m.context_length:
-            text["context_length"] = m.context_length
-        return get_config(
-            m.size,
-            vision=vision,
-            text=text,
-            contrastive_weight=m.contrastive_weight,
-            distill={
-                "image_weight": m.image_distill_weight,
-                "text_weight": m.text_distill_weight,
-                "mask_ratio": m.mask_ratio,
-                "masking": m.masking,
-                "mode": m.mode,
-                "distill_fraction": m.distill_fraction,
-                "masks_per_image": m.masks_per_image,
-                "decoder_depth": m.decoder_depth,
-                "decoder_width": m.decoder_width,
-                "image_loss": m.image_loss,
-                "target_norm": m.target_norm,
-                "text_mask_ratio": m.text_mask_ratio,
-                "text_target": m.text_target,
-                "ema_momentum_start": m.ema_momentum_start,
-                "ema_momentum_end": m.ema_momentum_end,
-            },
-        )
+        return self.model.to_config(vocab_size)
 
     @property
     def image_size(self) -> int:
-        return self.model.image_size or get_config(self.model.size).vision.image_size
+        return self.model_config_for().vision.image_size
 
     @property
     def context_length(self) -> int:
-        return self.model.context_length or get_config(self.model.size).text.context_length
+        return self.model_config_for().text.context_length
 
     def storage_path(self) -> str:
         return self.checkpoint.storage_path or str(
@@ -253,8 +313,25 @@ def format_validation_error(err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = "" if e["type"] == "missing" else f" (got {_fmt_value(e.get('input'))})"
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):  # the library's check: name its field, not the section
+            loc, msg, got = (
+                f"{loc}.{cause.field}",
+                cause.message,
+                f" (got {_fmt_value(cause.value)})",
+            )
         lines.append(f"{loc}: {msg}{got}")
     return lines
+
+
+def _find_renamed(data: dict[str, Any]) -> list[str]:
+    found = []
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            found.append(f"{old}: renamed to {new} (got {_fmt_value(node[key])})")
+    return found
 
 
 def _find_secrets(data: Any, path: str = "") -> list[str]:
@@ -321,9 +398,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_spec(data: dict[str, Any]) -> JobSpec:
-    secrets = _find_secrets(data)
-    if secrets:
-        raise SpecError(secrets)
+    problems = _find_secrets(data) + _find_renamed(data)
+    if problems:
+        raise SpecError(problems)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
@@ -354,4 +431,17 @@ def check_inputs(spec: JobSpec) -> None:
 
 
 def json_schema() -> dict[str, Any]:
-    return JobSpec.model_json_schema()
+    """The JSON Schema of a job spec, the `sweep:` section's included; every field described."""
+    from .sweep_spec import SweepSection  # sweep_spec imports this module
+
+    schema = JobSpec.model_json_schema()
+    sweep = SweepSection.model_json_schema(ref_template="#/$defs/{model}")
+    schema["$defs"].update(sweep.pop("$defs", {}))
+    schema["$defs"]["SweepSection"] = sweep
+    described = schema["properties"]["sweep"]
+    schema["properties"]["sweep"] = {
+        "anyOf": [{"$ref": "#/$defs/SweepSection"}, {"type": "null"}],
+        "default": None,
+        "description": described["description"],
+    }
+    return schema

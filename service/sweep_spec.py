@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .spec import JobSpec, SpecError, apply_overrides, build_spec, format_validation_error
+from .spec import RENAMED, JobSpec, SpecError, apply_overrides, build_spec, format_validation_error
 
 PosInt = Annotated[int, Field(gt=0)]
 
@@ -50,16 +50,21 @@ TRIAL_SUFFIX_LEN = 12
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # use_attribute_docstrings: the docstring under a field is its schema description
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 class Distribution(_Strict):
     """Exactly one of uniform / loguniform: [lo, hi], choice / grid: [v1, v2, ...]."""
 
     uniform: tuple[float, float] | None = None
+    """[low, high]: sampled uniformly."""
     loguniform: tuple[float, float] | None = None
+    """[low, high] with low > 0: sampled uniformly in log space."""
     choice: list[Any] | None = None
+    """Values sampled at random (each trial draws one)."""
     grid: list[Any] | None = None
+    """Values each tried in turn (every sample runs the whole grid)."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Distribution:
@@ -97,6 +102,7 @@ class AshaSection(_Strict):
     grace_period: PosInt | None = None
     """Steps before a trial can be stopped; default checkpoint.every_steps (the first report)."""
     reduction_factor: Annotated[float, Field(gt=1)] = 2
+    """At each rung, keep the best 1/reduction_factor of the trials."""
     max_t: PosInt | None = None
     """Default optim.max_steps."""
 
@@ -108,16 +114,23 @@ class TrialResources(_Strict):
 
 class SweepSection(_Strict):
     parameters: dict[str, Distribution]
+    """Dotted spec path (e.g. model.mask_ratio) -> the values to try."""
     search: Literal["random", "grid", "optuna"] = "random"
+    """How trials pick values: 'random', 'grid' (grid/choice values only) or 'optuna' (TPE)."""
     scheduler: Literal["none", "asha"] = "none"
+    """'asha' stops poor trials early at checkpoints; 'none' runs every trial to the end."""
     asha: AshaSection = AshaSection()
+    """ASHA settings (scheduler: asha)."""
     metric: str = "val_zero_shot_top1"
+    """The reported metric that ranks trials (loss or a val_* metric, which needs data.val)."""
     mode: Literal["max", "min"] | None = None
     """Default: min for loss metrics, max otherwise."""
     num_samples: PosInt | None = None
     """Trials (times the grid's size); default 1 for search: grid, 4 otherwise."""
     max_concurrent: PosInt = 1
+    """Trials run at the same time (each takes scaling.num_workers workers)."""
     resources_per_trial: TrialResources = TrialResources()
+    """Resources of each trial's driver process."""
 
     @property
     def resolved_mode(self) -> str:
@@ -152,6 +165,8 @@ def _leaf_model(annotation: Any) -> type[BaseModel] | None:
 
 def check_path(path: str) -> str | None:
     """None if `path` names a leaf field of JobSpec, else what is wrong."""
+    if path in RENAMED:
+        return f"renamed to {RENAMED[path]}"
     parts = path.split(".")
     if not all(parts):
         return "not a dotted field path (e.g. model.mask_ratio)"

@@ -6,6 +6,7 @@
     maskclip render jobs/s3.yaml --image ghcr.io/maskclip/maskclip-service:0.1.0 > rayjob.yaml
 
 --address defaults to $RAY_ADDRESS, then http://127.0.0.1:8265 (e.g. a `kubectl port-forward`).
+Only argparse at the top: service.cluster (pydantic, yaml) and ray load inside the commands.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import cluster
 from .common import spec_args
 
 TERMINAL_OK = "SUCCEEDED"
@@ -35,6 +35,8 @@ def _address_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from .. import cluster
+
     job_id = cluster.submit(
         args.spec,
         args.overrides,
@@ -51,26 +53,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .. import cluster
+
     cluster.status(args.job_id, args.address, allow_insecure=args.allow_insecure)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from .. import cluster
+
     cluster.logs(args.job_id, args.address, follow=args.follow, allow_insecure=args.allow_insecure)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from .. import cluster
+
     state = cluster.stop(args.job_id, args.address, allow_insecure=args.allow_insecure)
     return 0 if state in cluster.TERMINAL else 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from .. import cluster
+
     cluster.list_jobs(args.address, allow_insecure=args.allow_insecure)
     return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .. import cluster
     from ..k8s import dump_manifests, render_manifests
     from ..spec import load_spec
 

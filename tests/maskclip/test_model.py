@@ -111,3 +111,49 @@ def test_shared_batch_passes_equal_separate_passes(mode):
         }
     for key, value in ref.items():
         torch.testing.assert_close(out[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_configs_and_registry_import_without_torch():
+    """`maskclip`, its configs and registry load without torch (the service's CLI relies on it);
+    the torch modules load on first use of MaskCLIPTask / MaskCLIP."""
+    code = (
+        "import sys\n"
+        "from maskclip import get_config, DistillConfig, ModelConfig\n"
+        "import maskclip.config, maskclip.registry\n"
+        "get_config('maskclip_tiny', distill={'mask_ratio': 0.5})\n"
+        "print('torch' in sys.modules)\n"
+        "from maskclip import MaskCLIPTask, MaskCLIP\n"
+        "print('torch' in sys.modules, MaskCLIPTask.__module__, MaskCLIP.__module__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "maskclip.task", "maskclip.towers"]
+
+
+def test_configs_check_their_values():
+    """Ranges and choices are declared once on the dataclasses and checked on construction."""
+    import dataclasses
+
+    from maskclip.config import ConfigError, DistillConfig, field_docs
+
+    cases = [
+        ({"distill": {"mask_ratio": 1.0}}, "mask_ratio: must be < 1 (got 1.0)"),
+        (
+            {"distill": {"masking": "grid"}},
+            "masking: must be one of 'block', 'random' (got 'grid')",
+        ),
+        ({"distill": {"teacher_temp": 0}}, "teacher_temp: must be > 0 (got 0)"),
+        (
+            {"distill": {"ema_momentum_start": 0.99, "ema_momentum_end": 0.9}},
+            "ema_momentum_start: must not exceed ema_momentum_end 0.9 (got 0.99)",
+        ),
+        ({"vision": {"image_size": 36}}, "image_size: must be a multiple of the patch size 8"),
+        ({"contrastive_weight": -1.0}, "contrastive_weight: must be >= 0 (got -1.0)"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            get_config("maskclip_nano", **overrides)
+    with pytest.raises(ValueError, match="masks_per_image"):
+        DistillConfig(masks_per_image=0)
+    docs = field_docs(DistillConfig)
+    assert [f.name for f in dataclasses.fields(DistillConfig) if not docs.get(f.name)] == []

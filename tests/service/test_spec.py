@@ -47,7 +47,27 @@ CASES = [
     (
         "ema",
         "data: {train: DATA}\nmodel: {ema_momentum_start: 0.9, ema_momentum_end: 0.5}\n",
-        "ema_momentum_start must not exceed",
+        "model.ema_momentum_start: must not exceed ema_momentum_end 0.5 (got 0.9)",
+    ),
+    (
+        "patch",
+        "data: {train: DATA}\nmodel: {size: maskclip_nano, image_size: 36}\n",
+        "model.image_size: must be a multiple of the patch size 8 (got 36)",
+    ),
+    (
+        "renamed",
+        "data: {train: DATA}\nmodel: {image_distill_weight: 0.0}\n",
+        "model.image_distill_weight: renamed to model.image_weight (got 0.0)",
+    ),
+    (
+        "ibot-temp",
+        "data: {train: DATA}\nmodel: {image_loss: ibot, teacher_temp: 0}\n",
+        "model.teacher_temp: Input should be greater than 0 (got 0)",
+    ),
+    (
+        "choice",
+        "data: {train: DATA}\nmodel: {target_norm: batchnorm}\n",
+        "model.target_norm: Input should be 'layernorm' or 'none' (got 'batchnorm')",
     ),
     (
         "masks",
@@ -86,6 +106,10 @@ def test_bad_override(tmp_path, capsys):
     path.write_text(f"data: {{train: {tmp_path}}}\n")
     assert main(["validate", str(path), "--set", "model.mask_ratio=2"]) == 2
     assert "model.mask_ratio" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "model.text_distill_weight=0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.text_distill_weight: renamed to model.text_weight (got 0)\n"
+    )
     assert main(["validate", str(path), "--set", "nonsense"]) == 2
     assert "expected dotted.path=value" in capsys.readouterr().err
     path.write_text(f"data: {{train: {tmp_path}}}\nmodel: {{mask_ratio: 0.5}}\n")
@@ -101,3 +125,31 @@ def test_resolved_spec_loads_back(tmp_path, capsys):
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(capsys.readouterr().out)
     assert main(["validate", str(resolved)]) == 0
+
+
+def test_model_settings_round_trip_to_the_library(tmp_path, capsys):
+    """Every `model:` key set in a spec reaches the library's ModelConfig, and what `validate`
+    prints loads back to the same config (the spec holds no second copy of the defaults)."""
+    import dataclasses
+
+    from maskclip.config import DistillConfig
+    from service.spec import load_spec
+
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"data: {{train: {tmp_path}}}\n"
+        "model: {size: maskclip_nano, image_size: 48, context_length: 20, contrastive_weight: 2,\n"
+        "        mode: faithful, num_prototypes: 32, center_momentum: 0.5}\n"
+    )
+    cfg = load_spec(path).model_config_for(777)
+    assert (cfg.vision.image_size, cfg.text.context_length, cfg.text.vocab_size) == (48, 20, 777)
+    assert (cfg.contrastive_weight, cfg.distill.mode) == (2.0, "faithful")
+    assert (cfg.distill.num_prototypes, cfg.distill.center_momentum) == (32, 0.5)
+    assert cfg.distill.mask_ratio == DistillConfig().mask_ratio
+    assert main(["validate", str(path)]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert load_spec(resolved).model_config_for(777) == cfg
+    assert {f.name for f in dataclasses.fields(DistillConfig)} <= set(
+        load_spec(resolved).model.model_dump()
+    )
