@@ -1,142 +1,74 @@
-"""What a checkpoint holds, and how to write and read one.
+"""Checkpoints of a run on its storage: the format is the library's (`maskclip.checkpoint`:
+safetensors + JSON, nothing pickled); this module adds what the service keeps beside it and
+where a run's checkpoints live.
 
-A checkpoint directory:
-    state.pt        student, EMA teacher, optimiser, scheduler, step, epoch, RNG states
-    tokenizer.json  the BPE tokenizer (a reloaded model tokenizes prompts exactly as in training)
-    job.yaml        the resolved job spec
-    meta.json       step, MLflow run id, model config — written LAST: a directory without it is
-                    an interrupted write and is never loaded
+A checkpoint folder (Ray Train's layout `<storage>/<run name>/checkpoint_*`) holds the library's
+files plus `job.yaml` (the resolved spec) and, in meta.json, the MLflow run id. The same folder
+minus the training state is the MLflow model artifact and what `maskclip eval` reads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from maskclip import MaskCLIPTask, ModelConfig
-from maskclip.config import DistillConfig, TextConfig, VisionConfig
-from maskclip.tokenizer import Tokenizer
+from maskclip import checkpoint as fmt
 
 from .errors import CheckpointError
 
-FORMAT = 1
-META = "meta.json"
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+META = fmt.META
+SPEC_FILE = "job.yaml"
 
 
 def save(
     directory: str | Path,
-    task: MaskCLIPTask,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    task,
+    optimizer,
+    scheduler,
     step: int,
     epoch: int,
     tokenizer_json: str,
     spec_yaml: str,
     mlflow_run_id: str | None,
-    extra: dict[str, Any] | None = None,
+    *,
+    training_state: bool = True,
 ) -> Path:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {
-        "student": task.student.state_dict(),
-        "teacher": task.teacher.state_dict() if task.teacher is not None else None,
-        "proto_loss": task.proto_loss.state_dict() if task.proto_loss is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "epoch": epoch,
-        "momentum": task.momentum,
-        "rng": rng_state(),
-    }
-    torch.save(state, d / "state.pt")
-    (d / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    (d / "job.yaml").write_text(spec_yaml, encoding="utf-8")
-    meta = {
-        "format": FORMAT,
-        "step": step,
-        "epoch": epoch,
-        "mlflow_run_id": mlflow_run_id,
-        "model_config": dataclasses.asdict(task.cfg),
-        "special_ids": list(task.special_ids),
-        "mask_id": task.mask_id,
-        **(extra or {}),
-    }
-    (d / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")  # last: marks complete
-    return d
-
-
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: not a complete checkpoint (no {META})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def restore(
-    directory: str | Path,
-    task: MaskCLIPTask,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-) -> dict[str, Any]:
-    """Load a checkpoint into live objects; returns its meta (step, epoch, mlflow run id)."""
-    meta = read_meta(directory)
-    state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
-    task.student.load_state_dict(state["student"])
-    if task.teacher is not None and state["teacher"] is not None:
-        task.teacher.load_state_dict(state["teacher"])
-    if task.proto_loss is not None and state["proto_loss"] is not None:
-        task.proto_loss.load_state_dict(state["proto_loss"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    task.momentum = state["momentum"]
-    set_rng_state(state["rng"])
-    return meta
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(
-        embed_dim=d["embed_dim"],
-        vision=VisionConfig(**d["vision"]),
-        text=TextConfig(**d["text"]),
-        distill=DistillConfig(**d["distill"]),
-        contrastive_weight=d["contrastive_weight"],
-        logit_scale_init=d["logit_scale_init"],
-        logit_scale_max=d["logit_scale_max"],
+    return fmt.save(
+        directory,
+        task,
+        tokenizer_json,
+        step=step,
+        epoch=epoch,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        training_state=training_state,
+        extra_files={SPEC_FILE: spec_yaml},
+        extra_meta={"mlflow_run_id": mlflow_run_id},
     )
 
 
-def load_for_eval(directory: str | Path) -> tuple[MaskCLIPTask, Tokenizer, dict[str, Any]]:
-    """A trained task (student + teacher) and its tokenizer, ready for evaluation."""
-    meta = read_meta(directory)
-    tok = Tokenizer.from_json((Path(directory) / "tokenizer.json").read_text(encoding="utf-8"))
-    cfg = model_config_from_dict(meta["model_config"])
-    task = MaskCLIPTask(cfg, tuple(meta["special_ids"]), meta["mask_id"], pad_id=tok.pad_id)
-    state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
-    task.student.load_state_dict(state["student"])
-    task.eval()
-    return task, tok, meta
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    try:
+        return fmt.read_meta(directory)
+    except fmt.FormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def restore(directory: str | Path, task, optimizer=None, scheduler=None) -> dict[str, Any]:
+    """Load a checkpoint into live objects; returns its meta (step, epoch, mlflow run id)."""
+    try:
+        return fmt.restore(directory, task, optimizer, scheduler)
+    except fmt.FormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(directory: str | Path):
+    """(student MaskCLIP in eval mode, Tokenizer, meta); CheckpointError (one line) otherwise."""
+    try:
+        return fmt.load(directory)
+    except fmt.FormatError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def find_latest(storage_path: str, run_name: str, filesystem=None) -> tuple[str, dict] | None:
@@ -161,7 +93,34 @@ def find_latest(storage_path: str, run_name: str, filesystem=None) -> tuple[str,
             continue  # interrupted write: never picked
         if best is None or meta["step"] > best[1]["step"]:
             best = (info.path, meta)
+    if best is not None and best[1].get("format") != fmt.FORMAT:
+        raise CheckpointError(
+            f"{best[0]}: checkpoint format {best[1].get('format')!r} is not supported (the first "
+            "format stored pickles, which are never loaded since a pickle can run code); start "
+            "a new run name or move the old checkpoints away"
+        )
     return best
+
+
+def verify(path: str, meta: dict, filesystem=None) -> None:
+    """Every file `meta` lists is on storage with its size and SHA-256 (streamed, not saved);
+    CheckpointError (one line) otherwise. Nothing is parsed, so nothing can run."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    for name, want in (meta.get("files") or {}).items():
+        h, size = hashlib.sha256(), 0
+        try:
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+        except (OSError, FileNotFoundError):
+            raise CheckpointError(f"{path}: incomplete checkpoint: {name} is missing") from None
+        if size != want["size"] or h.hexdigest() != want["sha256"]:
+            raise CheckpointError(f"{path}: incomplete checkpoint: {name} does not match {META}")
 
 
 def read_text(path: str, name: str, filesystem=None) -> str:

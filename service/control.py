@@ -1,12 +1,22 @@
 """A small named Ray actor per run: the driver's stop flag and the data pipeline's row counts.
 
-Ray Data's decode tasks `add` their row counts; rank 0 reads them and the stop flag (set by the
-driver on SIGTERM/SIGINT, or by rank 0 itself when too many rows are bad).
+Ray Data's decode tasks `add` their row counts; the driver sets the stop flag on SIGTERM/SIGINT;
+rank 0's `StopWatcher` polls the actor from a thread (never from the training step) and sets the
+flag itself when too many rows are bad.
 """
 
 from __future__ import annotations
 
+import threading
+
 import ray
+
+from .errors import StopReason
+
+MIN_ROWS_FOR_BAD_FRACTION = 50
+"""The bad-row fraction is judged only once this many rows were seen (noise on tiny samples)."""
+POLL_S = 0.5
+"""How often rank 0's watcher asks the control actor for the stop flag and the row counts."""
 
 
 class RunControl:
@@ -14,9 +24,10 @@ class RunControl:
         self.rows_seen = 0
         self.rows_bad = 0
         self.reasons: dict[str, int] = {}
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
+        self.detail = ""
 
-    # --- data statistics (same interface as service.data.DataStats)
+    # --- data statistics
     def add(self, total: int, bad: int, reasons: dict[str, int] | None = None) -> None:
         self.rows_seen += total
         self.rows_bad += bad
@@ -26,29 +37,20 @@ class RunControl:
     def get(self) -> dict:
         return {"rows_seen": self.rows_seen, "rows_bad": self.rows_bad, "bad_reasons": self.reasons}
 
-    def data_stats(self) -> dict:
-        return self.get()
-
-    def check_data(self, max_bad_fraction: float, min_rows: int = 50) -> bool:
-        return self.rows_seen >= min_rows and self.rows_bad / self.rows_seen > max_bad_fraction
-
-    def data_message(self) -> str:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items()))
-        pct = 100 * self.rows_bad / max(1, self.rows_seen)
-        return (
-            f"data.train: {self.rows_bad} of {self.rows_seen} rows ({pct:.1f}%) could not be "
-            f"used ({reasons}); raise data.max_bad_fraction or fix the data"
-        )
+    def too_many_bad(self, max_bad_fraction: float) -> bool:
+        seen = self.rows_seen
+        return seen >= MIN_ROWS_FOR_BAD_FRACTION and self.rows_bad / seen > max_bad_fraction
 
     # --- stopping
-    def request_stop(self, reason: str = "signal") -> None:
-        self.stop_reason = self.stop_reason or reason
+    def request_stop(self, reason: StopReason, detail: str = "") -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.detail = StopReason(reason), detail
 
     def should_stop(self) -> bool:
         return self.stop_reason is not None
 
-    def reason(self) -> str | None:
-        return self.stop_reason
+    def reason(self) -> tuple[StopReason | None, str]:
+        return self.stop_reason, self.detail
 
 
 def control_actor(name: str, create: bool = False):
@@ -59,3 +61,53 @@ def control_actor(name: str, create: bool = False):
             .remote()
         )
     return ray.get_actor(name)
+
+
+def bad_rows_message(stats: dict, max_bad_fraction: float) -> str:
+    """One line: how many rows could not be used, by reason, against the allowed fraction."""
+    reasons = sorted(stats["bad_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
+    detail = ", ".join(f"{k}: {v}" for k, v in reasons)
+    pct = 100 * stats["rows_bad"] / max(1, stats["rows_seen"])
+    return (
+        f"data.train: {stats['rows_bad']} of {stats['rows_seen']} rows ({pct:.1f}%) could not "
+        f"be used ({detail}); data.max_bad_fraction is {max_bad_fraction:g}"
+    )
+
+
+class StopWatcher:
+    """Rank 0: a daemon thread that polls the control actor every POLL_S seconds, so the
+    training step reads a plain flag (`stop_requested`) and never waits on an actor call.
+    It also stops the run once more than `max_bad_fraction` of the rows seen were bad."""
+
+    def __init__(self, control, max_bad_fraction: float):
+        self.control = control
+        self.max_bad_fraction = max_bad_fraction
+        self.stats = {"rows_seen": 0, "rows_bad": 0, "bad_reasons": {}}
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maskclip-stop-watcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def _run(self) -> None:
+        while not self._done.wait(POLL_S):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the actor going away ends the run anyway
+                return
+
+    def poll(self) -> None:
+        self.stats = ray.get(self.control.get.remote())
+        if not self._stop.is_set() and ray.get(
+            self.control.too_many_bad.remote(self.max_bad_fraction)
+        ):
+            message = bad_rows_message(self.stats, self.max_bad_fraction)
+            ray.get(self.control.request_stop.remote(StopReason.DATA, message))
+        if ray.get(self.control.should_stop.remote()):
+            self._stop.set()
+
+    def close(self) -> None:
+        self._done.set()

@@ -9,6 +9,7 @@ import torch
 from maskclip import MaskCLIPTask
 from maskclip.tokenizer import Tokenizer
 from service import checkpoint as ckpt
+from service.errors import CheckpointError
 from service.spec import build_spec
 from service.train_loop import build_optimizer, build_scheduler
 
@@ -55,16 +56,21 @@ def test_save_restore_roundtrip_is_exact(tmp_path):
     assert meta["step"] == 1 and meta["mlflow_run_id"] == "run123"
     for (n, a), (_, b) in zip(task.state_dict().items(), task2.state_dict().items()):
         assert torch.equal(a, b), n
-    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for pid in s1:
+        for name, value in s1[pid].items():
+            assert torch.equal(value, s2[pid][name]), (pid, name)
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     assert sched2.last_epoch == sched.last_epoch
     assert torch.equal(torch.rand(3), after_save)  # RNG restored
 
-    loaded, tok3, _ = ckpt.load_for_eval(d)
+    loaded, tok3, _ = ckpt.load_model(d)
     prompts = ["a photo of a circle.", "a star shape."]
     assert torch.equal(tok3.encode(prompts), tok.encode(prompts))
     assert torch.equal(
-        loaded.student.encode_text(tok3.encode(prompts)),
-        task.student.encode_text(tok.encode(prompts)),
+        loaded.encode_text(tok3.encode(prompts)),
+        task.student.eval().encode_text(tok.encode(prompts)),
     )
 
 
@@ -85,7 +91,7 @@ def test_interrupted_write_is_never_picked(tmp_path):
     partial = tmp_path / "run" / "checkpoint_2"
     shutil.copytree(good, partial)
     (partial / "meta.json").unlink()
-    (partial / "state.pt").write_bytes(b"\x00" * 10)  # truncated
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)  # truncated
     path, meta = ckpt.find_latest(str(tmp_path), "run")
     assert path.endswith("checkpoint_1") and meta["step"] == 5
     # a newer complete one wins
@@ -102,3 +108,20 @@ def test_interrupted_write_is_never_picked(tmp_path):
     )
     assert ckpt.find_latest(str(tmp_path), "run")[1]["step"] == 9
     assert ckpt.find_latest(str(tmp_path), "no-such-run") is None
+
+
+def test_a_first_format_checkpoint_is_refused_with_one_line(tmp_path):
+    """A run folder whose newest checkpoint is the old pickle format (meta.json format 1 beside
+    state.pt) is refused when looked up for resume; the pickle is never opened."""
+    old = tmp_path / "run" / "checkpoint_000001"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"not opened")
+    (old / "meta.json").write_text('{"format": 1, "step": 3}')
+    try:
+        ckpt.find_latest(str(tmp_path), "run")
+    except CheckpointError as e:
+        message = str(e)
+    else:
+        raise AssertionError("an old-format checkpoint was accepted")
+    assert "\n" not in message
+    assert "checkpoint format 1 is not supported" in message and "pickle" in message

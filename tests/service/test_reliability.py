@@ -7,7 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
+from service.checkpoint import load_model as load_checkpoint_model
 from service.cli import main
 from tests.service.conftest import _free_port
 from tests.service.test_run import summary, write_job
@@ -39,7 +41,9 @@ def test_nonfinite_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(
     ckpt = summary(captured.out)["checkpoint"]
     meta = json.loads((Path(ckpt) / "meta.json").read_text())
     assert 1 <= meta["step"] < 30  # the last good step, loadable
-    assert (Path(ckpt) / "state.pt").stat().st_size > 0
+    model, _, loaded_meta = load_checkpoint_model(ckpt)  # verifies every file's hash too
+    assert loaded_meta["step"] == meta["step"]
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
 
 
 def test_mlflow_down_at_start_training_continues(ray_local, synth_parquet, tmp_path, capsys):

@@ -82,7 +82,12 @@ def test_local_run_then_resume_continues_steps_and_mlflow_run(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"spec", "model", "figures"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert {"model/student.pt", "model/tokenizer.json", "model/job.yaml"} <= model_files
+    assert {
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/job.yaml",
+        "model/meta.json",
+    } <= model_files
 
     # same job name, more steps: resumes from step 6 and continues the same MLflow run
     assert main(["run", job, "--set", "optim.max_steps=10"]) == 0
