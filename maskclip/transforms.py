@@ -23,7 +23,22 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image we accept (empty, corrupt, truncated, too large)."""
+    """The bytes are not a decodable image we accept (empty, corrupt, truncated, too large).
+
+    Raised as one of the subclasses below, so callers can tell the cases apart by type.
+    """
+
+
+class EmptyImageError(ImageDecodeError):
+    """No bytes at all."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than allowed (a decompression bomb or just a huge image)."""
+
+
+class CorruptImageError(ImageDecodeError):
+    """Bytes that no decoder accepts (corrupt, truncated, not an image)."""
 
 
 def _one_line(e: BaseException) -> str:
@@ -53,14 +68,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     """Decode JPEG/PNG/WebP bytes to an RGB image; raise ImageDecodeError on anything bad."""
     if data is None or len(data) == 0:
-        raise ImageDecodeError("empty image data")
+        raise EmptyImageError("empty image data")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(bytes(data)))
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageDecodeError(f"image too large: {w}x{h} pixels")
+                raise ImageTooLargeError(f"image too large: {w}x{h} pixels")
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
@@ -70,9 +85,9 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"image too large: {_one_line(e)}") from None
+        raise ImageTooLargeError(f"image too large: {_one_line(e)}") from None
     except Exception as e:  # decoders raise OSError, SyntaxError, struct.error, ...
-        raise ImageDecodeError(f"cannot decode image: {_one_line(e)}") from None
+        raise CorruptImageError(f"cannot decode image: {_one_line(e)}") from None
 
 
 def _normalise() -> list:

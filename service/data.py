@@ -1,41 +1,35 @@
-"""The Ray Data pipeline: Parquet shards (local or S3) -> decoded, augmented, tokenized batches.
+"""The Ray Data pipeline: a resolved Parquet source (local or S3) -> decoded, augmented,
+tokenized batches.
 
-    paths, fs = resolve_source(spec.data.train, spec.storage)
-    captions = sample_captions(spec, spec.data.tokenizer_captions)   # train the tokenizer
-    stats = get_or_create_stats("maskclip-data-stats-<run>")
-    ds = build_dataset(spec, "train", tok.to_json(), "maskclip-data-stats-<run>")
+    train = resolve_source(spec.data.train, spec.storage)         # service.storage, listed once
+    captions = sample_captions(train, spec.data.tokenizer_captions, spec.data.max_caption_chars)
+    ds = build_dataset(train, spec, "train", tok.to_json(), control_name)
     for batch in ds.iter_batches(batch_size=64, local_shuffle_buffer_size=...): ...
-    check_bad_fraction(ray.get(stats.get.remote()), spec.data.max_bad_fraction)
 
-Streaming only: nothing here materializes the dataset; rows that cannot be used (bad image, no
-caption, ...) are dropped and counted per reason in a small named actor (`DataStats`).
-Credentials never come from the spec: the AWS chain (environment, profile, service account).
+Streaming only: nothing here materializes the dataset; rows that cannot be used (service.rows:
+bad image, no caption, ...) are dropped and counted per reason in the run's control actor
+(service.control.RunControl), which decides when too many were bad.
 """
 
 from __future__ import annotations
 
-import glob as _glob
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from service.errors import UserError
+from . import rows
+from . import storage as _storage
+from .storage import Source
 
 if TYPE_CHECKING:
-    import ray.actor
     import ray.data
 
-    from service.spec import JobSpec, StorageSection
+    from service.spec import JobSpec
 
-S3_MAX_ATTEMPTS = 10
 READ_NUM_CPUS = 0.25
 """CPUs per Parquet read task: reading is mostly I/O; leaves room next to training workers."""
 READ_ROWS_PER_BLOCK = 256
@@ -48,358 +42,20 @@ TARGET_BATCH_BYTES = 32 << 20
 """Decoded float32 images per map batch are kept near this size (64..256 rows)."""
 
 STATS_LOOKUP_S = 30.0
-"""Decoders look the stats actor up by name again after this many seconds."""
-
-_GLOB_CHARS = "*?["
-
-# Reasons a row is dropped (keys of DataStats.bad_reasons).
-R_MISSING_IMAGE = "missing image"
-R_EMPTY_IMAGE = "empty image"
-R_CORRUPT_IMAGE = "corrupt image"
-R_LARGE_IMAGE = "image too large"
-R_MISSING_CAPTION = "missing caption"
-R_EMPTY_CAPTION = "empty caption"
-R_BAD_CAPTION = "caption not UTF-8"
-R_TRANSFORM = "transform failed"
+"""Decoders look the control actor up by name again after this many seconds."""
 
 
-# ---------------------------------------------------------------- filesystems and sources
-
-
-class RetryingS3FileSystem(pafs.S3FileSystem):
-    """pyarrow's S3FileSystem with retries (backoff, S3_MAX_ATTEMPTS tries) that survive pickling.
-
-    A plain S3FileSystem drops its retry strategy when pickled, so the copies that Ray sends to
-    the train controller, the workers and the data tasks would retry only a few times in about
-    a second: a brief S3 outage then fails the run. This keeps the options and rebuilds it with
-    the same retries. Credentials are never among the options: each process takes them from
-    the AWS chain, so they are not pickled either.
-    """
-
-    def __init__(self, **options: Any):
-        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
-        super().__init__(retry_strategy=retry, **options)
-        self._options = options
-
-    def __reduce__(self):
-        return _rebuild_s3, (self._options,)
-
-
-def _rebuild_s3(options: dict[str, Any]) -> RetryingS3FileSystem:
-    return RetryingS3FileSystem(**options)
-
-
-def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
-    """An S3FileSystem for the spec's endpoint/region; credentials from the AWS chain only."""
-    endpoint = getattr(storage, "endpoint_url", None) or (
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    )
-    region = getattr(storage, "region", None) or (
-        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-    )
-    kwargs: dict[str, Any] = {}
-    if region:
-        kwargs["region"] = region
-    if endpoint:
-        endpoint = endpoint.strip().rstrip("/")
-        if endpoint.startswith("http://"):
-            kwargs["scheme"] = "http"
-            endpoint = endpoint[len("http://") :]
-        elif endpoint.startswith("https://"):
-            kwargs["scheme"] = "https"
-            endpoint = endpoint[len("https://") :]
-        kwargs["endpoint_override"] = endpoint
-    return RetryingS3FileSystem(**kwargs)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def _display(path: str, fs: pafs.FileSystem | None) -> str:
-    """How a resolved path is shown to the user (s3:// prefix for S3 paths)."""
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
-
-
-def _has_glob(text: str) -> bool:
-    return any(c in text for c in _GLOB_CHARS)
-
-
-def _is_parquet(path: str) -> bool:
-    return path.lower().endswith((".parquet", ".pq"))
-
-
-def _hidden(rel: str) -> bool:
-    """Names starting with '_' or '.' (markers, manifests, half-written temporaries) are skipped."""
-    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
-
-
-def _data_files(files: list[str], base: str = "") -> list[str]:
-    """Parquet files among `files` (by extension), skipping hidden names below `base`."""
-    cut = len(base.rstrip("/")) + 1 if base else 0
-    return sorted(f for f in files if _is_parquet(f) and not _hidden(f[cut:] if cut else f))
-
-
-def _glob_files(matched: list[str]) -> list[str]:
-    """Files a glob matched: the Parquet ones if any (a broad '*' also hits markers), else all."""
-    visible = [f for f in matched if not _hidden(f.rsplit("/", 1)[-1])]
-    parquet = [f for f in visible if _is_parquet(f)]
-    return sorted(parquet or visible)
-
-
-def _resolve_local(uri: str, field: str) -> list[str]:
-    if _has_glob(uri):
-        matches = sorted(_glob.glob(uri, recursive=True))
-        if not matches:
-            raise UserError(f"{field}: no files match {uri!r}")
-        files: list[str] = []
-        matched_files: list[str] = []
-        for m in matches:
-            p = Path(m)
-            if p.is_dir() and not _hidden(p.name):
-                found = [f.as_posix() for f in p.rglob("*") if f.is_file()]
-                files.extend(_data_files(found, p.as_posix()))
-            elif p.is_file():
-                matched_files.append(p.as_posix())
-        paths = sorted(set(files + _glob_files(matched_files)))
-    else:
-        p = Path(uri)
-        if not p.exists():
-            raise UserError(f"{field}: no such file or directory {uri!r}")
-        if p.is_file():
-            return [str(p.resolve())]
-        paths = _data_files([f.as_posix() for f in p.rglob("*") if f.is_file()], p.as_posix())
-    paths = sorted(str(Path(x).resolve()) for x in paths)
-    if not paths:
-        raise UserError(f"{field}: no Parquet files at {uri!r}")
-    return paths
-
-
-def _resolve_s3(uri: str, storage: Any, field: str) -> tuple[list[str], pafs.S3FileSystem]:
-    path = uri[len("s3://") :].strip("/") if uri.startswith("s3://") else uri
-    bucket = path.split("/", 1)[0]
-    if not bucket:
-        raise UserError(f"{field}: no bucket in {uri!r} (expected s3://bucket/prefix)")
-    if _has_glob(bucket):
-        raise UserError(f"{field}: the bucket name cannot be a pattern in {uri!r}")
-    fs = s3_filesystem(storage)
-    try:
-        if _has_glob(path):
-            import fnmatch
-
-            parts = path.split("/")
-            base_parts = []
-            for part in parts:
-                if _has_glob(part):
-                    break
-                base_parts.append(part)
-            base = "/".join(base_parts)
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            paths = _glob_files(
-                [
-                    i.path
-                    for i in infos
-                    if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
-                ]
-            )
-        else:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.File:
-                return [path], fs
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            paths = _data_files([i.path for i in infos if i.type == pafs.FileType.File], path)
-        if not paths:
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise UserError(f"{field}: bucket {bucket!r} does not exist ({uri!r})")
-            raise UserError(f"{field}: no Parquet files at {uri!r}")
-    except UserError:
-        raise
-    except OSError as e:
-        msg = _first_line(e)
-        if "NoSuchBucket" in msg or "does not exist" in msg.lower():
-            raise UserError(f"{field}: bucket {bucket!r} does not exist ({uri!r})") from None
-        raise UserError(f"{field}: cannot list {uri!r}: {msg}") from None
-    return paths, fs
-
-
-def resolve_source(
-    uri: str, storage: StorageSection | None, field: str = "data.train"
-) -> tuple[list[str], pafs.FileSystem | None]:
-    """Parquet files for a folder / glob / file / s3:// prefix or glob -> (sorted paths, fs).
-
-    Local paths come back absolute with fs None; S3 paths as "bucket/key" with an S3FileSystem.
-    """
-    uri = str(uri).strip()
-    if not uri:
-        raise UserError(f"{field}: empty data path")
-    if uri.startswith("s3://"):
-        return _resolve_s3(uri, storage, field)
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise UserError(
-            f"{field}: unsupported scheme '{scheme}://' in {uri!r} (use a path or s3://)"
-        )
-    return _resolve_local(uri, field), None
-
-
-def _read_schema(path: str, fs: pafs.FileSystem | None, field: str) -> pa.Schema:
-    try:
-        return pq.read_schema(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(
-            f"{field}: cannot read Parquet schema of {_display(path, fs)}: {_first_line(e)}"
-        ) from None
-
-
-def _check_schema(
-    schema: pa.Schema, columns: list[str], path: str, fs: pafs.FileSystem | None, field: str
-) -> list[str]:
-    names = list(schema.names)
-    for c in columns:
-        if c not in names:
-            raise UserError(
-                f"{field}: column {c!r} not found in {_display(path, fs)} (columns: {', '.join(names)})"
-            )
-    return names
-
-
-def check_columns(
-    uri: str, storage: StorageSection | None, columns: list[str], field: str = "data.train"
-) -> list[str]:
-    """Check `columns` exist in the first file's Parquet schema; return the schema's names."""
-    paths, fs = resolve_source(uri, storage, field)
-    return _check_schema(_read_schema(paths[0], fs, field), columns, paths[0], fs, field)
-
-
-def _clean_caption(value: Any, max_chars: int) -> tuple[str | None, str | None]:
-    """-> (caption, None) or (None, reason)."""
-    if value is None:
-        return None, R_MISSING_CAPTION
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None, R_BAD_CAPTION
-    elif not isinstance(value, str):
-        if isinstance(value, float) and value != value:  # NaN from pandas-ish writers
-            return None, R_MISSING_CAPTION
-        value = str(value)
-    text = value.strip()
-    if not text:
-        return None, R_EMPTY_CAPTION
-    return text[:max_chars], None
-
-
-def _open_parquet(path: str, fs, columns: list[str], field: str) -> pq.ParquetFile:
-    """Open one shard and check it has `columns`; one-line UserError otherwise."""
-    try:
-        pf = pq.ParquetFile(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(
-            f"{field}: cannot read Parquet file {_display(path, fs)}: {_first_line(e)}"
-        ) from None
-    _check_schema(pf.schema_arrow, columns, path, fs, field)
-    return pf
-
-
-def sample_captions(spec: JobSpec, n: int) -> list[str]:
-    """The first `n` usable captions of data.train, read with pyarrow (caption column only)."""
-    field = "data.train"
-    col = spec.data.caption_column
-    paths, fs = resolve_source(spec.data.train, spec.storage, field)
+def sample_captions(source: Source, n: int, max_chars: int, column: str = "caption") -> list[str]:
+    """The first `n` usable captions of `source`, read with pyarrow (caption column only)."""
     out: list[str] = []
-    for path in paths:
-        if len(out) >= n:
-            break
-        pf = _open_parquet(path, fs, [col], field)
-        try:
-            for batch in pf.iter_batches(batch_size=1024, columns=[col]):
-                for value in batch.column(0).to_pylist():
-                    text, _ = _clean_caption(value, spec.data.max_caption_chars)
-                    if text is not None:
-                        out.append(text)
-                        if len(out) >= n:
-                            break
+    for batch in source.iter_batches([column], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            text, _ = rows.clean_caption(value, max_chars)
+            if text is not None:
+                out.append(text)
                 if len(out) >= n:
-                    break
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(
-                f"{field}: cannot read captions from {_display(path, fs)}: {_first_line(e)}"
-            ) from None
+                    return out
     return out
-
-
-def count_rows(uri: str, storage: StorageSection | None, field: str = "data.train") -> int:
-    """Rows in all the Parquet files, from their footers only (no data is read)."""
-    paths, fs = resolve_source(uri, storage, field)
-
-    def one(path: str) -> int:
-        try:
-            return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(
-                f"{field}: cannot read Parquet metadata of {_display(path, fs)}: {_first_line(e)}"
-            ) from None
-
-    if len(paths) == 1:
-        return one(paths[0])
-    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        return sum(pool.map(one, paths))
-
-
-# ---------------------------------------------------------------- bad-row statistics
-
-
-class DataStats:
-    """Counts rows seen / dropped (per reason). Use as `ray.remote(DataStats)`."""
-
-    def __init__(self) -> None:
-        self._total = 0
-        self._bad = 0
-        self._reasons: dict[str, int] = {}
-
-    def add(self, total: int, bad: int, reasons: dict[str, int]) -> None:
-        self._total += int(total)
-        self._bad += int(bad)
-        for k, v in reasons.items():
-            self._reasons[k] = self._reasons.get(k, 0) + int(v)
-
-    def get(self) -> dict:
-        return {"rows_seen": self._total, "rows_bad": self._bad, "bad_reasons": dict(self._reasons)}
-
-    def reset(self) -> None:
-        self.__init__()
-
-
-def get_or_create_stats(name: str) -> ray.actor.ActorHandle:
-    """The named DataStats actor (created on first use; 0 CPUs)."""
-    import ray
-
-    return (
-        ray.remote(DataStats)
-        .options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=1)
-        .remote()
-    )
-
-
-def check_bad_fraction(stats: dict, max_bad_fraction: float, min_rows: int = 50) -> None:
-    """Raise a one-line UserError once too many of the rows seen so far were dropped."""
-    seen = int(stats.get("rows_seen", 0))
-    bad = int(stats.get("rows_bad", 0))
-    if seen < min_rows or seen == 0 or bad / seen <= max_bad_fraction:
-        return
-    reasons = sorted(stats.get("bad_reasons", {}).items(), key=lambda kv: (-kv[1], kv[0]))
-    detail = ", ".join(f"{k}: {v}" for k, v in reasons)
-    detail = f" ({detail})" if detail else ""
-    raise UserError(
-        f"data.train: {bad} of {seen} rows ({100 * bad / seen:.1f}%) could not be used{detail}; "
-        f"data.max_bad_fraction is {_pct(max_bad_fraction)}"
-    )
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.4g}%"
 
 
 # ---------------------------------------------------------------- the dataset
@@ -462,26 +118,6 @@ class DecodeBatch:
                 self._stats = None
         return self._stats
 
-    def _image(self, data: Any) -> tuple[np.ndarray | None, str | None]:
-        from maskclip.transforms import ImageDecodeError, decode_image
-
-        if data is None:
-            return None, R_MISSING_IMAGE
-        try:
-            img = decode_image(data, max_pixels=self.max_pixels)
-        except ImageDecodeError as e:
-            msg = str(e)
-            if msg.startswith("empty"):
-                return None, R_EMPTY_IMAGE
-            if msg.startswith("image too large"):
-                return None, R_LARGE_IMAGE
-            return None, R_CORRUPT_IMAGE
-        try:
-            x = self.transform(img)
-        except Exception:
-            return None, R_TRANSFORM
-        return x.numpy().astype(np.float32, copy=False), None
-
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         images_in = batch[self.image_column]
         captions_in = batch[self.caption_column]
@@ -492,19 +128,22 @@ class DecodeBatch:
         labels: list[str] = []
         reasons: dict[str, int] = {}
         for i in range(n):
-            caption, why = _clean_caption(captions_in[i], self.max_caption_chars)
-            if why is None:
-                image, why = self._image(images_in[i])
-            if why is not None:
+            row, why = rows.clean_row(
+                images_in[i],
+                captions_in[i],
+                None if labels_in is None else labels_in[i],
+                max_pixels=self.max_pixels,
+                max_caption_chars=self.max_caption_chars,
+                transform=self.transform,
+                need_label=labels_in is not None,
+            )
+            if row is None:
                 reasons[why] = reasons.get(why, 0) + 1
                 continue
-            images.append(image)
-            captions.append(caption)
+            images.append(row.image.numpy().astype(np.float32, copy=False))
+            captions.append(row.caption)
             if labels_in is not None:
-                label = labels_in[i]
-                if isinstance(label, (bytes, bytearray)):
-                    label = bytes(label).decode("utf-8", errors="replace")
-                labels.append("" if label is None else str(label))
+                labels.append(row.label)
         bad = n - len(images)
         stats = self._stats_actor()
         if stats is not None:
@@ -544,30 +183,22 @@ def decode_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[dict[s
 
 
 def _read_files(
-    batch: pa.Table,
-    *,
-    filesystem: pafs.FileSystem | None,
-    columns: list[str],
-    field: str,
-    rows_per_block: int,
+    batch: pa.Table, *, source: Source, columns: list[str], rows_per_block: int
 ) -> Iterator[pa.Table]:
     """map_batches fn: a batch of paths -> the files' rows, `rows_per_block` rows at a time."""
     for path in batch.column("path").to_pylist():
-        pf = _open_parquet(path, filesystem, columns, field)
-        for rb in pf.iter_batches(batch_size=rows_per_block, columns=columns):
+        for rb in source.iter_file(path, columns, rows_per_block):
             if rb.num_rows:
                 yield pa.Table.from_batches([rb])
 
 
 def read_parquet_stream(
-    paths: list[str],
-    fs: pafs.FileSystem | None,
+    source: Source,
     columns: list[str],
-    field: str = "data.train",
     shuffle_seed: int | None = None,
     rows_per_block: int = READ_ROWS_PER_BLOCK,
 ) -> ray.data.Dataset:
-    """Stream the files' `columns` as small Arrow blocks (one read task per file).
+    """Stream the source's `columns` as small Arrow blocks (one read task per file).
 
     Not `ray.data.read_parquet`: its ListFiles step always asks for a whole CPU (a job whose
     training workers hold all but a fraction of a CPU would never start reading). With
@@ -577,6 +208,7 @@ def read_parquet_stream(
     """
     import ray.data
 
+    paths = source.paths
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(
@@ -584,12 +216,7 @@ def read_parquet_stream(
         )
     return ds.map_batches(
         _read_files,
-        fn_kwargs={
-            "filesystem": fs,
-            "columns": columns,
-            "field": field,
-            "rows_per_block": rows_per_block,
-        },
+        fn_kwargs={"source": source, "columns": columns, "rows_per_block": rows_per_block},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_NUM_CPUS,
@@ -603,15 +230,14 @@ def map_batch_size(image_size: int) -> int:
 
 
 def build_dataset(
-    spec: JobSpec, split: str, tokenizer_json: str, stats_actor_name: str | None
+    source: Source, spec: JobSpec, split: str, tokenizer_json: str, stats_actor_name: str | None
 ) -> ray.data.Dataset:
     """A lazy, streaming Dataset of {"image": f32 [B,3,H,W], "tokens": i64 [B,L]} (+ val labels).
 
-    "train": data.train with random-resized-crop; file order shuffled per epoch when
-    data.shuffle (rows are shuffled further by the consumer's local_shuffle_buffer_size).
-    "val": data.val with resize + centre crop, plus "label" (if the column exists) and "caption".
-    Dropped rows are counted in the DataStats actor named `stats_actor_name` (if any); use one
-    name per split.
+    "train": random-resized-crop; file order shuffled per epoch when data.shuffle (rows are
+    shuffled further by the consumer's local_shuffle_buffer_size). "val": resize + centre crop,
+    plus "label" (if the column exists; a row without one is bad) and "caption". Dropped rows are
+    counted in the control actor named `stats_actor_name` (if any).
     """
     import ray
     import ray.data
@@ -622,23 +248,11 @@ def build_dataset(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     d = spec.data
-    uri = d.train if split == "train" else d.val
-    field = f"data.{split}"
-    if uri is None:
-        raise UserError(f"{field}: not set")
-    paths, fs = resolve_source(uri, spec.storage, field)
-    names = _check_schema(
-        _read_schema(paths[0], fs, field), [d.image_column, d.caption_column], paths[0], fs, field
-    )
-    label_column = d.label_column if split == "val" and d.label_column in names else None
+    source.require([d.image_column, d.caption_column])
+    label_column = d.label_column if split == "val" and d.label_column in source.columns else None
     columns = [d.image_column, d.caption_column] + ([label_column] if label_column else [])
-
     ds = read_parquet_stream(
-        paths,
-        fs,
-        columns,
-        field,
-        shuffle_seed=spec.run.seed if split == "train" and d.shuffle else None,
+        source, columns, shuffle_seed=spec.run.seed if split == "train" and d.shuffle else None
     )
     return ds.map_batches(
         decode_batch,
@@ -660,3 +274,16 @@ def build_dataset(
         compute=ray.data.TaskPoolStrategy(size=MAP_CONCURRENCY),
         num_cpus=MAP_NUM_CPUS,
     )
+
+
+# ---------------------------------------------------------------- until evaluation.py moves
+# service/evaluation.py still imports these two from here; delete them once it uses
+# service.storage (resolve_source -> Source, s3_filesystem) and service.rows.
+
+s3_filesystem = _storage.s3_filesystem
+
+
+def resolve_source(uri: str, storage: Any = None, field: str = "data.train"):
+    """(paths, S3 filesystem or None): the old tuple form of service.storage.resolve_source."""
+    src = _storage.resolve_source(uri, storage, field)
+    return src.paths, (src.filesystem if _storage.is_s3(src.filesystem) else None)

@@ -37,6 +37,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .rows import R_CORRUPT_IMAGE, clean_caption, clean_label, image_bytes_reason
+from .rows import decode_image as check_image
+from .storage import display, ensure_bucket, first_line, is_s3, resolve_source
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 MANIFEST = "_manifest.json"
@@ -80,76 +83,12 @@ class _NoRows(UserError):
     """write_shards got no good row (callers may explain why)."""
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 # ----------------------------------------------------------------------------- file systems
-
-
-def _split_uri(uri: str) -> tuple[str, str]:
-    """-> (scheme, path): ("s3", "bucket/prefix") or ("local", "/abs/path")."""
-    if not uri or not uri.strip():
-        raise UserError("dataset path is empty")
-    if uri.startswith("s3://"):
-        path = uri[len("s3://") :].strip("/")
-        if not path:
-            raise UserError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
-        return "s3", path
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    elif "://" in uri:
-        raise UserError(f"{uri}: unsupported URI scheme (use a local path or s3://bucket/prefix)")
-    return "local", os.path.abspath(os.path.expanduser(uri))
-
-
-def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
-    from .data import s3_filesystem
-    from .spec import StorageSection
-
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    # A region always given: pyarrow never probes EC2 metadata for one.
-    return s3_filesystem(StorageSection(endpoint_url=endpoint_url, region=region or "us-east-1"))
-
-
-def open_fs(
-    uri: str, endpoint_url: str | None = None, region: str | None = None
-) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, base path) for a local path or s3://bucket/prefix; creates nothing."""
-    scheme, path = _split_uri(uri)
-    if scheme == "local":
-        return pafs.LocalFileSystem(), path
-    return _s3_filesystem(endpoint_url, region), path
-
-
-def open_output(
-    uri: str, endpoint_url: str | None = None, region: str | None = None
-) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, base path) to write a dataset to: a local folder (created) or s3://bucket/prefix
-    (the bucket must exist). Raises UserError naming the URI on any problem."""
-    fs, base = open_fs(uri, endpoint_url, region)
-    try:
-        if isinstance(fs, pafs.LocalFileSystem):
-            if os.path.isfile(base):
-                raise UserError(f"{uri}: is a file, expected a folder for the dataset")
-            fs.create_dir(base, recursive=True)
-        else:
-            bucket = base.split("/", 1)[0]
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise UserError(f"s3://{bucket}: bucket not found (create it first)")
-    except OSError as e:
-        raise UserError(f"{uri}: {_one_line(e)}") from None
-    return fs, base
-
-
-def _is_s3(fs: pafs.FileSystem) -> bool:
-    return fs.type_name == "s3"
 
 
 def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write `data` at `path` so that it appears complete or not at all."""
-    if _is_s3(fs):  # one object PUT: never visible half-written
+    if is_s3(fs):  # one object PUT: never visible half-written
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
@@ -158,10 +97,6 @@ def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
-
-
-def _display(fs: pafs.FileSystem, path: str) -> str:
-    return f"s3://{path}" if _is_s3(fs) else path
 
 
 # ----------------------------------------------------------------------------- writing
@@ -202,16 +137,6 @@ def _progress(total: int | None, desc: str, enabled: bool):
     )
 
 
-def _bad_reason(row: dict) -> str | None:
-    jpg = row.get("jpg")
-    if not isinstance(jpg, (bytes, bytearray, memoryview)) or len(jpg) == 0:
-        return "no image bytes (jpg)"
-    caption = row.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        return "no caption"
-    return None
-
-
 def write_shards(
     rows: Iterable[dict],
     out: str,
@@ -233,11 +158,11 @@ def write_shards(
     """
     if rows_per_shard < 1:
         raise UserError(f"rows_per_shard must be at least 1 (got {rows_per_shard})")
-    fs, base = open_output(out, endpoint_url, region)
+    fs, base = ensure_bucket(out, None, "output", endpoint_url=endpoint_url, region=region)
     try:
         _prepare_dir(fs, base, out, overwrite)
     except OSError as e:
-        raise UserError(f"{out}: {_one_line(e)}") from None
+        raise UserError(f"{out}: {first_line(e)}") from None
 
     schema: pa.Schema | None = None
     buffer: list[dict] = []
@@ -266,7 +191,7 @@ def write_shards(
             try:
                 arrays.append(pa.array(values, type=typ))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise UserError(f"{out}: column {name!r}: {_one_line(e)}") from None
+                raise UserError(f"{out}: column {name!r}: {first_line(e)}") from None
         table = pa.Table.from_arrays(arrays, names=names)
         if schema is None:
             schema = table.schema
@@ -277,18 +202,19 @@ def write_shards(
         try:
             _put(fs, f"{base}/{name}", sink.getvalue().to_pybytes())
         except OSError as e:
-            raise UserError(f"{out}/{name}: {_one_line(e)}") from None
+            raise UserError(f"{out}/{name}: {first_line(e)}") from None
         shards.append({"file": name, "rows": table.num_rows})
         buffer.clear()
 
     with _progress(total, f"writing {out}", progress) as bar:
         for row in rows:
-            if _bad_reason(row) is not None:
+            caption, why = clean_caption(row.get("caption"))
+            if why is not None or image_bytes_reason(row.get("jpg")) is not None:
                 bad += 1
                 bar.update(1)
                 continue
             key = row.get("key")
-            row = {**row, "key": f"{n_rows:09d}" if key is None else str(key)}
+            row = {**row, "key": f"{n_rows:09d}" if key is None else str(key), "caption": caption}
             if buffer and not extra_warned and row.keys() - buffer[0].keys():
                 extra_warned = True
                 cols = ", ".join(sorted(row.keys() - buffer[0].keys()))
@@ -322,7 +248,7 @@ def write_shards(
         _put(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         _put(fs, f"{base}/{SUCCESS}", b"")
     except OSError as e:
-        raise UserError(f"{out}: {_one_line(e)}") from None
+        raise UserError(f"{out}: {first_line(e)}") from None
     return manifest
 
 
@@ -469,7 +395,7 @@ def _caption_entries(captions: Path) -> Iterator[tuple[str, str | None, str | No
     except json.JSONDecodeError as e:
         raise UserError(f"{captions}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{captions}: {_one_line(e)}") from None
+        raise UserError(f"{captions}: {first_line(e)}") from None
     raise UserError(f"{captions}: unknown captions format (use .csv, .tsv, .jsonl or .json)")
 
 
@@ -514,7 +440,7 @@ def convert_folder(
     missing captions are skipped with one warning line each (capped at `max_warnings`).
     Returns write_shards' stats plus `seen` and `skipped` {reason: count}.
     """
-    from maskclip.transforms import ImageDecodeError, decode_image, encode_jpeg
+    from maskclip.transforms import encode_jpeg
 
     root = Path(images_dir).expanduser()
     if not root.is_dir():
@@ -540,24 +466,29 @@ def convert_folder(
             if limit is not None and made >= limit:
                 return
             seen += 1
-            caption = " ".join(str(caption).split()) if caption is not None else ""
+            caption, why = clean_caption(caption)
             if not file:
                 warn(f"{captions} entry {seen}", "empty file name", "no file name")
                 continue
             path = Path(file) if os.path.isabs(file) else root / file
-            if not caption:
+            if why is not None:
                 hint = f" (no {Path(file).with_suffix('.txt').name})" if not captions else ""
-                warn(file, f"no caption{hint}", "no caption")
+                warn(file, f"{why}{hint}", why)
                 continue
+            caption = " ".join(caption.split())
             try:
                 data = path.read_bytes()
             except OSError as e:
-                warn(file, f"cannot read: {e.strerror or _one_line(e)}", "missing file")
+                warn(file, f"cannot read: {e.strerror or first_line(e)}", "missing file")
+                continue
+            img, why = check_image(data)
+            if why is not None:
+                warn(file, why, why)
                 continue
             try:
-                jpg = encode_jpeg(decode_image(data), quality=quality, max_size=max_size)
-            except (ImageDecodeError, OSError, ValueError) as e:
-                warn(file, _one_line(e), "unreadable image")
+                jpg = encode_jpeg(img, quality=quality, max_size=max_size)
+            except (OSError, ValueError) as e:
+                warn(file, first_line(e), R_CORRUPT_IMAGE)
                 continue
             key = Path(file).as_posix() if not os.path.isabs(file) else path.name
             key_uses[key] += 1
@@ -565,7 +496,7 @@ def convert_folder(
                 key = f"{key}#{key_uses[key] - 1}"
             row = {"key": key, "jpg": jpg, "caption": caption}
             if has_labels:
-                row["label"] = str(label).strip() or None if label is not None else None
+                row["label"] = clean_label(label)[0]
             made += 1
             yield row
 
@@ -616,7 +547,7 @@ def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
             nbytes = n * math.prod(dims[1:]) * dtype.itemsize
             data = f.read(nbytes)
     except (OSError, EOFError, struct.error) as e:
-        raise UserError(f"{path}: cannot read IDX file: {_one_line(e)}") from None
+        raise UserError(f"{path}: cannot read IDX file: {first_line(e)}") from None
     if len(data) < nbytes:
         raise UserError(f"{path}: truncated IDX file")
     return np.frombuffer(data, dtype=dtype).reshape((n, *dims[1:]))
@@ -713,37 +644,6 @@ def convert_fashion_mnist(
 # ----------------------------------------------------------------------------- inspect
 
 
-def _list_parquet(fs: pafs.FileSystem, base: str, uri: str) -> tuple[list[str], str]:
-    """Parquet files for a file, a folder/prefix (recursive) or a glob; -> (files, root)."""
-    try:
-        if any(ch in base for ch in "*?["):
-            root = base
-            while any(ch in root for ch in "*?["):
-                root = root.rsplit("/", 1)[0] if "/" in root else ""
-            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
-            files = [
-                i.path
-                for i in infos
-                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, base)
-            ]
-            return sorted(files), root
-        info = fs.get_file_info(base)
-        if info.type == pafs.FileType.NotFound:
-            raise UserError(f"{uri}: no such file or folder")
-        if info.type == pafs.FileType.File:
-            return [base], base.rsplit("/", 1)[0]
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    except OSError as e:
-        raise UserError(f"{uri}: {_one_line(e)}") from None
-    files = []
-    for i in infos:
-        rel = i.path[len(base) :].strip("/")
-        hidden = any(part.startswith((".", "_")) for part in rel.split("/"))
-        if i.type == pafs.FileType.File and rel.endswith(".parquet") and not hidden:
-            files.append(i.path)
-    return sorted(files), base
-
-
 def inspect(
     uri: str,
     endpoint_url: str | None = None,
@@ -762,29 +662,22 @@ def inspect(
     None, missing_columns, checked, bad_images, bad_examples, image_sizes}. `rows` comes from the
     Parquet footers; images are decoded only for the first `check_rows` rows.
     """
-    fs, base = open_fs(uri, endpoint_url, region)
-    files, root = _list_parquet(fs, base, uri)
-    if not files:
-        raise UserError(f"{uri}: no Parquet files found")
-
+    source = resolve_source(uri, None, "dataset", endpoint_url=endpoint_url, region=region)
+    fs, files, root = source.filesystem, source.paths, source.root
     rows = 0
     schema: pa.Schema | None = None
     mismatched: list[str] = []
     parts: Counter = Counter()
     metas: list[tuple[str, pq.ParquetFile]] = []
     for path in files:
-        try:
-            pf = pq.ParquetFile(fs.open_input_file(path))
-        except (OSError, pa.ArrowInvalid) as e:
-            msg = f"{_display(fs, path)}: not a readable Parquet file: {_one_line(e)}"
-            raise UserError(msg) from None
+        pf = source.open(path)
         n = pf.metadata.num_rows
         rows += n
         s = pf.schema_arrow
         if schema is None:
             schema = s
         elif not s.equals(schema):
-            mismatched.append(_display(fs, path))
+            mismatched.append(display(path, fs))
         rel_dir = path[len(root) :].strip("/").rpartition("/")[0]
         parts[rel_dir or "."] += n
         metas.append((path, pf))
@@ -804,11 +697,7 @@ def inspect(
     checked = bad = 0
     bad_examples: list[str] = []
     sizes: Counter = Counter()
-    decode = None
-    if image_column in names and check_rows > 0:
-        from maskclip.transforms import ImageDecodeError, decode_image
-
-        decode = decode_image
+    decode = image_column in names and check_rows > 0
     small_cols = [c for c in ("key", caption_column, label_column) if c in names]
     for path, pf in metas:
         try:
@@ -819,24 +708,24 @@ def inspect(
                 for batch in pf.iter_batches(batch_size=max(1, samples), columns=small_cols):
                     sample_rows.extend(batch.to_pylist()[: samples - len(sample_rows)])
                     break
-            if decode is not None and checked < check_rows:
+            if decode and checked < check_rows:
                 cols = [image_column] + (["key"] if "key" in names else [])
                 for batch in pf.iter_batches(batch_size=256, columns=cols):
                     for r in batch.to_pylist():
                         if checked >= check_rows:
                             break
                         checked += 1
-                        try:
-                            img = decode(r[image_column])
+                        img, why = check_image(r[image_column])
+                        if why is None:
                             sizes[f"{img.width}x{img.height}"] += 1
-                        except ImageDecodeError as e:
+                        else:
                             bad += 1
                             if len(bad_examples) < 3:
-                                bad_examples.append(f"{r.get('key', '?')}: {e}")
+                                bad_examples.append(f"{r.get('key', '?')}: {why}")
                     if checked >= check_rows:
                         break
         except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(f"{_display(fs, path)}: {_one_line(e)}") from None
+            raise UserError(f"dataset: cannot read {display(path, fs)}: {first_line(e)}") from None
 
     return {
         "uri": uri,
@@ -904,8 +793,6 @@ __all__ = [
     "convert_folder",
     "format_inspect",
     "inspect",
-    "open_fs",
-    "open_output",
     "read_idx",
     "synth",
     "write_shards",

@@ -198,6 +198,12 @@ def _below(path: str, base: str) -> str:
     return path[len(base) :].lstrip("/") if base else path
 
 
+def _glob_base(pattern: str) -> str:
+    """The folders of a glob before its first pattern."""
+    parts = pattern.split("/")
+    return "/".join(parts[: next(i for i, p in enumerate(parts) if _has_glob(p))])
+
+
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     """Shell-glob match by path segment ('*' stays within a name, '**' spans folders); a
     pattern that matches a folder matches every file below it."""
@@ -218,7 +224,7 @@ def _list(fs: pafs.FileSystem, path: str, uri: str, field: str) -> list[str]:
     One LIST for an S3 prefix or glob (a HEAD more only when the prefix holds nothing).
     """
     if _has_glob(path):
-        base = "/".join(p for p in path.split("/")[: _first_glob_part(path)])
+        base = _glob_base(path)
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         matched = [
             i.path
@@ -250,11 +256,6 @@ def _list(fs: pafs.FileSystem, path: str, uri: str, field: str) -> list[str]:
     return sorted(files)
 
 
-def _first_glob_part(path: str) -> int:
-    parts = path.split("/")
-    return next(i for i, p in enumerate(parts) if _has_glob(p))
-
-
 @dataclasses.dataclass
 class Source:
     """A data source resolved once: its Parquet files, their filesystem and the first file's
@@ -265,6 +266,8 @@ class Source:
     paths: list[str]
     filesystem: pafs.FileSystem
     schema: pa.Schema
+    root: str = ""
+    """Where the files were listed: the folder/prefix, a glob's fixed part or a file's folder."""
     _rows: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -328,12 +331,13 @@ def resolve_source(
     field: str = "data.train",
     *,
     endpoint_url: str | None = None,
+    region: str | None = None,
 ) -> Source:
     """The Parquet files of a folder / glob / file / s3:// prefix or glob, listed once, with the
     first file's schema. Names starting with '_' or '.' are skipped. One-line DataError (a
     UserError) naming `field` on anything wrong."""
     try:
-        fs, path = split_uri(uri, storage, endpoint_url=endpoint_url, field=field)
+        fs, path = split_uri(uri, storage, endpoint_url=endpoint_url, region=region, field=field)
     except UserError as e:
         raise DataError(str(e)) from None
     uri = str(uri).strip()
@@ -360,4 +364,6 @@ def resolve_source(
         raise DataError(
             f"{field}: cannot read Parquet schema of {display(paths[0], fs)}: {first_line(e)}"
         ) from None
-    return Source(uri, field, paths, fs, schema)
+    root = _glob_base(path) if _has_glob(path) else path
+    root = root.rsplit("/", 1)[0] if paths == [root] else root
+    return Source(uri, field, paths, fs, schema, root)

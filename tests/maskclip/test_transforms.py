@@ -7,7 +7,10 @@ from PIL import Image, features
 
 from maskclip.transforms import (
     OPENAI_CLIP_MEAN,
+    CorruptImageError,
+    EmptyImageError,
     ImageDecodeError,
+    ImageTooLargeError,
     decode_image,
     encode_jpeg,
     eval_transform,
@@ -91,27 +94,34 @@ def test_la_composited_on_white():
 def test_bomb_guard():
     data = _bytes(_rgb(100, 50), "PNG")
     assert decode_image(data, max_pixels=5000).size == (100, 50)
-    with pytest.raises(ImageDecodeError, match="image too large: 100x50 pixels"):
+    with pytest.raises(ImageTooLargeError, match="image too large: 100x50 pixels"):
         decode_image(data, max_pixels=4999)
 
 
 def test_pil_bomb_error_converted(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     data = _bytes(_rgb(20, 12), "PNG")  # 240 px: over PIL's limit, under 2x -> warning
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageTooLargeError, match="too large"):
         decode_image(data)
     data = _bytes(_rgb(40, 30), "PNG")  # over 2x -> DecompressionBombError
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageTooLargeError, match="too large"):
         decode_image(data)
 
 
 @pytest.mark.parametrize(
-    "data",
-    [b"", None, b"hello, I am not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, bytearray()],
+    "data, kind",
+    [
+        (b"", EmptyImageError),
+        (None, EmptyImageError),
+        (bytearray(), EmptyImageError),
+        (b"hello, I am not an image", CorruptImageError),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, CorruptImageError),
+    ],
 )
-def test_bad_bytes_raise(data):
+def test_bad_bytes_raise(data, kind):
     with pytest.raises(ImageDecodeError) as e:
         decode_image(data)
+    assert type(e.value) is kind
     assert "\n" not in str(e.value) and str(e.value)
 
 
@@ -120,7 +130,7 @@ def test_truncated_raises(fmt):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     data = _bytes(img, fmt)
-    with pytest.raises(ImageDecodeError):
+    with pytest.raises(CorruptImageError):
         decode_image(data[: len(data) // 2])
 
 

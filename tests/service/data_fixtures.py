@@ -1,13 +1,12 @@
 """Write image/caption rows as Parquet shards (local folder or s3://) for tests.
 
-(Kept here because service/datasets.py did not exist when the data tests were written; if it grows
-equivalents, these can be replaced by imports from it.)
+Unlike service.datasets.write_shards, this writes every record as given, bad ones included: the
+data tests need rows that the pipeline must drop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,24 +32,16 @@ def write_parquet_shards(
     records_iter: Iterable[dict], out_uri: str, rows_per_shard: int, storage=None
 ) -> list[str]:
     """Write shard-00000.parquet, ... under a local folder or s3://bucket/prefix; return URIs."""
-    if out_uri.startswith("s3://"):
-        from service.data import s3_filesystem
+    from service.storage import display, ensure_bucket
 
-        fs = s3_filesystem(storage)
-        base = out_uri[len("s3://") :].rstrip("/")
-        prefix = "s3://"
-    else:
-        fs = None
-        Path(out_uri).mkdir(parents=True, exist_ok=True)
-        base = str(Path(out_uri))
-        prefix = ""
+    fs, base = ensure_bucket(out_uri, storage, "test output")
     written: list[str] = []
     chunk: list[dict] = []
 
     def flush() -> None:
         path = f"{base}/shard-{len(written):05d}.parquet"
         pq.write_table(rows_from_records(chunk), path, filesystem=fs)
-        written.append(prefix + path)
+        written.append(display(path, fs))
         chunk.clear()
 
     for record in records_iter:

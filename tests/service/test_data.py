@@ -1,4 +1,5 @@
-"""service.data: sources (local / S3 via moto), one-line errors, decoding, bad-row accounting."""
+"""service.data: caption sampling, decoding, the Ray Data pipeline and its bad-row accounting
+(sources themselves: test_storage.py; the row rules: test_rows.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from PIL import Image
 from maskclip.synthetic import generate
 from maskclip.tokenizer import Tokenizer
 from service import data as D
-from service.errors import UserError
+from service import rows as R
+from service.control import (
+    MIN_ROWS_FOR_BAD_FRACTION,
+    RunControl,
+    bad_rows_message,
+    control_actor,
+)
+from service.errors import DataError
+from service.storage import resolve_source
 from tests.service.conftest import SYNTH_ROWS
 from tests.service.data_fixtures import write_parquet_shards
 
@@ -69,12 +78,12 @@ def _bad_and_odd_records() -> tuple[list[dict], dict[str, int]]:
         {**row, "key": "huge", "jpg": _png(Image.new("RGB", (200, 200))), "caption": "huge"},
     ]
     expected = {
-        D.R_EMPTY_IMAGE: 1,
-        D.R_CORRUPT_IMAGE: 2,
-        D.R_MISSING_IMAGE: 1,
-        D.R_MISSING_CAPTION: 1,
-        D.R_EMPTY_CAPTION: 1,
-        D.R_LARGE_IMAGE: 1,
+        R.R_EMPTY_IMAGE: 1,
+        R.R_CORRUPT_IMAGE: 2,
+        R.R_MISSING_IMAGE: 1,
+        R.R_MISSING_CAPTION: 1,
+        R.R_EMPTY_CAPTION: 1,
+        R.R_LARGE_IMAGE: 1,
     }
     odd = [
         {**row, "key": f"odd-{k}", "jpg": v, "caption": f"an odd {k} image"}
@@ -111,130 +120,59 @@ def _op_names(ds) -> list[str]:
     return names
 
 
-# ---------------------------------------------------------------- sources and errors
+# ---------------------------------------------------------------- sampling and the run's helpers
 
 
-def test_resolve_local_folder_glob_and_file(synth_parquet):
-    paths, fs = D.resolve_source(synth_parquet, None)
-    assert fs is None and len(paths) == 3 and paths == sorted(paths)
-    assert D.resolve_source(f"{synth_parquet}/*.parquet", None)[0] == paths
-    assert D.resolve_source(paths[1], None)[0] == [paths[1]]
-    assert D.count_rows(synth_parquet, None) == SYNTH_ROWS
-
-
-def test_markers_and_hidden_files_are_skipped(tmp_path, synth_parquet):
-    import shutil
-
-    folder = tmp_path / "ds"
-    shutil.copytree(synth_parquet, folder)
-    (folder / "_SUCCESS").write_bytes(b"")
-    (folder / "_manifest.json").write_text("{}")
-    (folder / ".shard-00009.parquet").write_bytes(b"half written")
-    (folder / "_tmp").mkdir()
-    (folder / "_tmp" / "x.parquet").write_bytes(b"half written")
-    (folder / "README.md").write_text("hello")
-    want = [str(folder / f"shard-0000{i}.parquet") for i in range(3)]
-    assert D.resolve_source(str(folder), None)[0] == want
-    assert D.resolve_source(str(folder / "*"), None)[0] == want
-    assert D.resolve_source(str(folder / "*.md"), None)[0] == [str(folder / "README.md")]
-
-
-def test_local_errors_are_one_line(tmp_path, synth_parquet):
-    cases = {
-        str(tmp_path / "nope"): "data.train: no such file or directory",
-        str(tmp_path / "*.parquet"): "data.train: no files match",
-        str(tmp_path): "data.train: no Parquet files at",
-        "gs://bucket/x": "data.train: unsupported scheme 'gs://'",
-    }
-    for uri, start in cases.items():
-        with pytest.raises(UserError) as e:
-            D.resolve_source(uri, None)
-        assert str(e.value).startswith(start), str(e.value)
-        assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match=r"^data\.val: no such file"):
-        D.resolve_source(str(tmp_path / "nope"), None, field="data.val")
-
-
-def test_check_columns(synth_parquet):
-    assert D.check_columns(synth_parquet, None, ["jpg", "caption"]) == [
-        "key",
-        "jpg",
-        "caption",
-        "label",
-    ]
-    with pytest.raises(UserError) as e:
-        D.check_columns(synth_parquet, None, ["jpg", "image"])
-    msg = str(e.value)
-    assert msg.startswith("data.train: column 'image' not found in ")
-    assert msg.endswith("shard-00000.parquet (columns: key, jpg, caption, label)")
-
-
-def test_s3_sources_and_errors(s3_server, s3_bucket):
-    uris = write_parquet_shards(iter(generate(30, image_size=16)), f"s3://{s3_bucket}/d/x", 12)
-    assert len(uris) == 3
-    paths, fs = D.resolve_source(f"s3://{s3_bucket}/d", None)
-    assert paths == [u.removeprefix("s3://") for u in uris] and fs is not None
-    assert D.resolve_source(f"s3://{s3_bucket}/d/x/*-00001.parquet", None)[0] == [paths[1]]
-    assert D.count_rows(f"s3://{s3_bucket}/d/", None) == 30
-    # An explicit endpoint in the spec's storage section works too (credentials still from env).
-    from service.spec import StorageSection
-
-    storage = StorageSection(endpoint_url=s3_server, region="us-east-1")
-    assert D.resolve_source(f"s3://{s3_bucket}/d", storage)[0] == paths
-    assert D.check_columns(f"s3://{s3_bucket}/d", storage, ["jpg"])[1] == "jpg"
-
-    with pytest.raises(UserError) as e:
-        D.resolve_source(f"s3://{s3_bucket}/empty/prefix", None)
-    assert str(e.value) == f"data.train: no Parquet files at 's3://{s3_bucket}/empty/prefix'"
-    with pytest.raises(UserError) as e:
-        D.resolve_source("s3://no-such-bucket-xyz/data", None)
-    assert str(e.value).startswith("data.train: bucket 'no-such-bucket-xyz' does not exist")
-    with pytest.raises(UserError) as e:
-        D.check_columns(f"s3://{s3_bucket}/d", None, ["image"])
-    assert str(e.value) == (
-        f"data.train: column 'image' not found in s3://{s3_bucket}/d/x/shard-00000.parquet "
-        "(columns: key, jpg, caption, label)"
-    )
-
-
-def test_s3_filesystem_settings():
-    from service.spec import StorageSection
-
-    fs = D.s3_filesystem(StorageSection(endpoint_url="http://127.0.0.1:9000", region="eu-west-1"))
-    assert fs.region == "eu-west-1"
-    assert "127.0.0.1:9000" in repr(fs.__reduce__())  # endpoint without the scheme
-    fs2 = D.s3_filesystem(StorageSection(endpoint_url="https://minio.example:9000/"))
-    assert "minio.example:9000" in repr(fs2.__reduce__())
-
-
-def test_sample_captions(make_spec):
-    spec = make_spec()
-    caps = D.sample_captions(spec, 40)  # needs more than one 32-row shard
+def test_sample_captions(make_spec, synth_parquet):
+    src = resolve_source(synth_parquet)
+    caps = D.sample_captions(src, 40, 300)  # needs more than one 32-row shard
     assert len(caps) == 40 and all(isinstance(c, str) and c for c in caps)
-    assert len(D.sample_captions(spec, 10_000)) == SYNTH_ROWS
-    short = D.sample_captions(make_spec(data={"max_caption_chars": 5}), 3)
-    assert all(len(c) <= 5 for c in short)
-    with pytest.raises(UserError, match=r"^data\.train: column 'text' not found"):
-        D.sample_captions(make_spec(data={"caption_column": "text"}), 3)
+    assert len(D.sample_captions(src, 10_000, 300)) == SYNTH_ROWS
+    assert all(len(c) <= 5 for c in D.sample_captions(src, 3, 5))
+    with pytest.raises(DataError, match=r"^data\.train: column 'text' not found"):
+        D.sample_captions(src, 3, 300, column="text")
 
 
-def test_check_bad_fraction():
-    stats = {
+def test_tokenizer_and_step_count_take_the_resolved_source(make_spec, synth_parquet, monkeypatch):
+    from service import trainer
+
+    src = resolve_source(synth_parquet)
+
+    def again(*a, **k):
+        raise AssertionError("resolved the source a second time")
+
+    monkeypatch.setattr(trainer, "resolve_source", again)
+    spec = make_spec(data={"tokenizer_captions": 50})
+    tok = Tokenizer.from_json(trainer.prepare_tokenizer(spec, None, None, src))
+    assert tok.vocab_size <= spec.model.vocab_size
+    epochs = make_spec(optim={"max_steps": None, "epochs": 3, "batch_size": 8})
+    assert trainer.total_steps(epochs, src) == 3 * (SYNTH_ROWS // 8)
+    assert trainer.total_steps(spec, src) == 4  # max_steps
+
+
+def test_run_control_decides_when_too_many_rows_are_bad():
+    """What the run uses (service.control; the dead DataStats copy is gone)."""
+    control = RunControl()
+    control.add(100, 30, {"empty caption": 7, "corrupt image": 23})
+    control.add(20, 7, {"corrupt image": 7})
+    stats = control.get()
+    assert stats == {
         "rows_seen": 120,
         "rows_bad": 37,
         "bad_reasons": {"empty caption": 7, "corrupt image": 30},
     }
-    with pytest.raises(UserError) as e:
-        D.check_bad_fraction(stats, 0.05)
-    assert str(e.value) == (
+    assert control.too_many_bad(0.05) and not control.too_many_bad(0.5)
+    assert bad_rows_message(stats, 0.05) == (
         "data.train: 37 of 120 rows (30.8%) could not be used (corrupt image: 30, "
-        "empty caption: 7); data.max_bad_fraction is 5%"
+        "empty caption: 7); data.max_bad_fraction is 0.05"
     )
-    D.check_bad_fraction(stats, 0.5)  # below the threshold
-    D.check_bad_fraction({**stats, "rows_seen": 40, "rows_bad": 39}, 0.05)  # too few rows yet
-    D.check_bad_fraction({"rows_seen": 0, "rows_bad": 0, "bad_reasons": {}}, 0.0)
-    with pytest.raises(UserError, match=r"1 of 50 rows \(2\.0%\).*is 1%$"):
-        D.check_bad_fraction({"rows_seen": 50, "rows_bad": 1, "bad_reasons": {"x": 1}}, 0.01)
+    few = RunControl()
+    few.add(MIN_ROWS_FOR_BAD_FRACTION - 1, MIN_ROWS_FOR_BAD_FRACTION - 2)
+    assert not few.too_many_bad(0.05)  # too few rows yet
+    assert not RunControl().too_many_bad(0.0)  # nothing seen
+    one = RunControl()
+    one.add(MIN_ROWS_FOR_BAD_FRACTION, 1, {"x": 1})
+    assert one.too_many_bad(0.01) and not one.too_many_bad(0.02)
 
 
 # ---------------------------------------------------------------- decoding (in-process)
@@ -243,8 +181,9 @@ def test_check_bad_fraction():
 def test_decode_batch_reasons_without_ray(tokenizer):
     records, expected = _bad_and_odd_records()
     records.append({"key": "badutf8", "jpg": records[0]["jpg"], "caption": b"\xff\xfe bad"})
-    records.append({"key": "bytes-ok", "jpg": records[0]["jpg"], "caption": b"ok"})
-    expected = {**expected, D.R_BAD_CAPTION: 1}
+    records.append({"key": "bytes-ok", "jpg": records[0]["jpg"], "caption": b"ok", "label": "x"})
+    records.append({"key": "nolabel", "jpg": records[0]["jpg"], "caption": "ok", "label": None})
+    expected = {**expected, R.R_BAD_CAPTION: 1, R.R_MISSING_LABEL: 1}
     batch = {
         "jpg": np.array([r["jpg"] for r in records], dtype=object),
         "caption": np.array([r["caption"] for r in records], dtype=object),
@@ -270,6 +209,7 @@ def test_decode_batch_reasons_without_ray(tokenizer):
     assert out["tokens"].shape == (n_good, 32) and out["tokens"].dtype == np.int64
     assert (out["tokens"][:, 0] == tokenizer.sot_id).all()
     assert len(out["label"]) == len(out["caption"]) == n_good
+    assert "" not in set(out["label"])  # a null label is a bad row, never a class ""
     assert max(len(c) for c in out["caption"]) == 50  # the long caption was truncated, kept
     assert sum(c.startswith("an odd") for c in out["caption"]) == 5  # CMYK/grey/RGBA/16-bit/P
     # An all-bad batch yields nothing (no empty tensor block).
@@ -282,9 +222,9 @@ def test_decode_batch_reasons_without_ray(tokenizer):
 
 def test_build_dataset_local_shapes_and_streaming(ray_local, make_spec, tokenizer):
     spec = make_spec()
-    name = f"stats-{uuid.uuid4().hex[:8]}"
-    actor = D.get_or_create_stats(name)
-    ds = D.build_dataset(spec, "train", tokenizer.to_json(), name)
+    name = f"control-{uuid.uuid4().hex[:8]}"
+    actor = control_actor(name, create=True)
+    ds = D.build_dataset(resolve_source(spec.data.train), spec, "train", tokenizer.to_json(), name)
     ops = _op_names(ds)
     assert not any("Shuffle" in o or "Sort" in o or "Repartition" in o for o in ops), ops
     # The only all-to-all op shuffles the list of file paths, before any file is read.
@@ -298,7 +238,6 @@ def test_build_dataset_local_shapes_and_streaming(ray_local, make_spec, tokenize
     assert n == SYNTH_ROWS
     stats = _wait_stats(actor, SYNTH_ROWS)
     assert stats == {"rows_seen": SYNTH_ROWS, "rows_bad": 0, "bad_reasons": {}}
-    assert D.get_or_create_stats(name)._actor_id == actor._actor_id  # same named actor
     # A second pass (epoch) streams again through the same lazy dataset.
     assert sum(len(b["tokens"]) for b in ds.iter_batches(batch_size=32)) == SYNTH_ROWS
 
@@ -309,7 +248,9 @@ def test_build_dataset_s3_matches_local(ray_local, s3_bucket, make_spec, synth_p
 
     def val_rows(uri):
         spec = make_spec(data={"val": uri})
-        ds = D.build_dataset(spec, "val", tokenizer.to_json(), None)
+        ds = D.build_dataset(
+            resolve_source(uri, field="data.val"), spec, "val", tokenizer.to_json(), None
+        )
         out = []
         for b in _rows(ds, batch_size=16):
             assert set(b) == {"image", "tokens", "label", "caption"}
@@ -322,69 +263,30 @@ def test_build_dataset_s3_matches_local(ray_local, s3_bucket, make_spec, synth_p
 
 
 def test_build_dataset_drops_and_counts_bad_rows(ray_local, tmp_path, make_spec, tokenizer):
+    import ray
+
     records, expected = _bad_and_odd_records()
     folder = tmp_path / "bad"
     write_parquet_shards(iter(records), str(folder), rows_per_shard=13)
     spec = make_spec(data={"train": str(folder), "max_image_pixels": 10_000, "shuffle": False})
-    name = f"stats-{uuid.uuid4().hex[:8]}"
-    actor = D.get_or_create_stats(name)
-    ds = D.build_dataset(spec, "train", tokenizer.to_json(), name)
+    name = f"control-{uuid.uuid4().hex[:8]}"
+    actor = control_actor(name, create=True)
+    ds = D.build_dataset(resolve_source(str(folder)), spec, "train", tokenizer.to_json(), name)
     n = sum(len(b["image"]) for b in _rows(ds, batch_size=4))
     n_bad = sum(expected.values())
     assert n == len(records) - n_bad
     stats = _wait_stats(actor, len(records))
     assert stats == {"rows_seen": len(records), "rows_bad": n_bad, "bad_reasons": expected}
-    with pytest.raises(UserError, match=r"^data\.train: 7 of 33 rows \(21\.2%\) could not be used"):
-        D.check_bad_fraction(stats, spec.data.max_bad_fraction, min_rows=10)
-    D.check_bad_fraction(stats, 0.25, min_rows=10)
-
-
-def test_build_dataset_user_errors(ray_local, make_spec, tokenizer, tmp_path):
-    with pytest.raises(UserError, match=r"^data\.train: column 'image' not found in .*"):
-        D.build_dataset(
-            make_spec(data={"image_column": "image"}), "train", tokenizer.to_json(), None
-        )
-    with pytest.raises(UserError, match=r"^data\.val: not set$"):
-        D.build_dataset(make_spec(), "val", tokenizer.to_json(), None)
-    with pytest.raises(UserError, match=r"^data\.val: no such file or directory"):
-        D.build_dataset(
-            make_spec(data={"val": str(tmp_path / "missing")}), "val", tokenizer.to_json(), None
-        )
-
-
-def test_s3_filesystem_keeps_its_retries_when_pickled(s3_server):
-    """Ray pickles the filesystem to the controller, workers and data tasks; a plain
-    pyarrow S3FileSystem comes back with ~1 s of retries. Ours still waits out a server that
-    only starts 3 s after the request."""
-    import pickle
-    import threading
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from service.spec import StorageSection
-    from tests.service.conftest import _free_port
-
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    fs = pickle.loads(
-        pickle.dumps(D.s3_filesystem(StorageSection(endpoint_url=endpoint, region="us-east-1")))
+    assert ray.get(actor.too_many_bad.remote(spec.data.max_bad_fraction)) is False  # 33 < 50
+    assert bad_rows_message(stats, 0.1).startswith(
+        "data.train: 7 of 33 rows (21.2%) could not be used"
     )
-    assert isinstance(fs, D.RetryingS3FileSystem)
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
-        Bucket="late-server"
-    )  # moto's state is per process: the late server on `port` serves this bucket too
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    starter = threading.Timer(3.0, server.start)
-    starter.start()
-    try:
-        t = time.perf_counter()
-        info = fs.get_file_info("late-server")
-        assert info.type.name == "Directory"
-        assert time.perf_counter() - t >= 2.9
-    finally:
-        starter.join()
-        server.stop()
+
+
+def test_build_dataset_user_errors(ray_local, make_spec, tokenizer, synth_parquet):
+    spec = make_spec(data={"image_column": "image"})
+    with pytest.raises(DataError, match=r"^data\.train: column 'image' not found in .*"):
+        D.build_dataset(resolve_source(synth_parquet), spec, "train", tokenizer.to_json(), None)
 
 
 def test_idle_scheduling_loop_is_paced_and_busy_steps_are_not():
@@ -405,6 +307,7 @@ def test_idle_scheduling_loop_is_paced_and_busy_steps_are_not():
 def test_datasets_carry_the_pacing_callback(ray_local, make_spec, tokenizer):
     from service.data_pacing import PaceIdleLoop
 
-    ds = D.build_dataset(make_spec(), "train", tokenizer.to_json(), None)
+    spec = make_spec()
+    ds = D.build_dataset(resolve_source(spec.data.train), spec, "train", tokenizer.to_json(), None)
     assert PaceIdleLoop in ds.context.custom_execution_callback_classes
     assert PaceIdleLoop in ds.context.execution_callback_classes
