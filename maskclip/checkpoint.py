@@ -262,6 +262,35 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{path}: not a readable safetensors file ({first})") from None
 
 
+def check(directory: str | os.PathLike) -> dict[str, Any]:
+    """Everything a loader will read is there, matches meta.json and parses (safetensors
+    headers, JSON, the tokenizer), without building a model; returns meta. For a caller that
+    must refuse a checkpoint before starting work on it (the service's resume)."""
+    from safetensors import safe_open
+
+    d = Path(directory)
+    meta = read_meta(d)
+    names = [MODEL] + ([TRAINING] if meta.get("training_state") else [])
+    for name in names:
+        try:
+            with safe_open(str(d / name), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FormatError(f"{d / name}: not a readable safetensors file ({first})") from None
+    if meta.get("training_state"):
+        _read_json(d / TRAINING_JSON)
+    _read_tokenizer(d)
+    return meta
+
+
+def _read_tokenizer(d: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_json((d / TOKENIZER).read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
+        raise FormatError(f"{d}: unreadable {TOKENIZER} ({type(e).__name__})") from None
+
+
 def build_task(meta: dict[str, Any], tokenizer: Tokenizer):
     from .task import MaskCLIPTask
 
@@ -275,11 +304,8 @@ def load(directory: str | os.PathLike):
     from .towers import MaskCLIP
 
     d = Path(directory)
-    meta = read_meta(d)
-    try:
-        tok = Tokenizer.from_json((d / TOKENIZER).read_text(encoding="utf-8"))
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
-        raise FormatError(f"{d}: unreadable {TOKENIZER} ({type(e).__name__})") from None
+    meta = check(d)  # the whole folder is sound, training state included, or nothing loads
+    tok = _read_tokenizer(d)
     model = MaskCLIP(config_from_dict(meta["model_config"]), pad_id=tok.pad_id)
     _load_state(model, _load_tensors(d / MODEL), d / MODEL)
     return model.eval(), tok, meta

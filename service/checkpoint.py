@@ -102,25 +102,15 @@ def find_latest(storage_path: str, run_name: str, filesystem=None) -> tuple[str,
     return best
 
 
-def verify(path: str, meta: dict, filesystem=None) -> None:
-    """Every file `meta` lists is on storage with its size and SHA-256 (streamed, not saved);
-    CheckpointError (one line) otherwise. Nothing is parsed, so nothing can run."""
-    import hashlib
-
-    import pyarrow.fs as pafs
-
-    fs = filesystem or pafs.LocalFileSystem()
-    for name, want in (meta.get("files") or {}).items():
-        h, size = hashlib.sha256(), 0
+def check(path: str, filesystem=None) -> dict[str, Any]:
+    """Refuse a checkpoint before any work starts on it: every file meta.json lists is there
+    with its size and SHA-256, and each parses (safetensors headers, JSON, the tokenizer);
+    CheckpointError (one line) otherwise. Nothing is unpickled. On S3 this downloads it once."""
+    with local_copy(path, filesystem) as d:
         try:
-            with fs.open_input_stream(f"{path}/{name}") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-        except (OSError, FileNotFoundError):
-            raise CheckpointError(f"{path}: incomplete checkpoint: {name} is missing") from None
-        if size != want["size"] or h.hexdigest() != want["sha256"]:
-            raise CheckpointError(f"{path}: incomplete checkpoint: {name} does not match {META}")
+            return fmt.check(d)
+        except fmt.FormatError as e:
+            raise CheckpointError(str(e).replace(str(d), path, 1)) from None
 
 
 def read_text(path: str, name: str, filesystem=None) -> str:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
 from maskclip import MaskCLIPTask
 from maskclip.tokenizer import Tokenizer
@@ -125,3 +131,86 @@ def test_a_first_format_checkpoint_is_refused_with_one_line(tmp_path):
         raise AssertionError("an old-format checkpoint was accepted")
     assert "\n" not in message
     assert "checkpoint format 1 is not supported" in message and "pickle" in message
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that a loader ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _vouch(d: Path, name: str) -> None:
+    """meta.json lists the planted file with its real size and hash (the writer controls both)."""
+    meta = json.loads((d / "meta.json").read_text())
+    data = (d / name).read_bytes()
+    meta["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+PLANTED = [
+    "model.safetensors",
+    "training.safetensors",
+    "training.json",
+    "tokenizer.json",
+    "job.yaml",
+    "state.pt",
+    "student.pt",
+]
+
+
+@pytest.mark.parametrize("name", PLANTED)
+def test_a_planted_pickle_is_never_run_by_resume_or_eval(tmp_path, synth_parquet, capsys, name):
+    """A checkpoint someone else wrote, with a pickle payload under `name` (and meta.json
+    vouching for it, or claiming the first format for the old pickle names): `maskclip run`
+    (resume) and `maskclip eval` both refuse it with one line, exit 2, and never run it."""
+    from service.cli import main
+
+    spec, tok, task, opt, sched = make(tmp_path)
+    storage = tmp_path / "ckpts"
+    d = ckpt.save(
+        storage / "shared" / "checkpoint_000001",
+        task,
+        opt,
+        sched,
+        1,
+        0,
+        tok.to_json(),
+        spec.to_yaml(),
+        None,
+    )
+    marker = tmp_path / "pwned"
+    (d / name).write_bytes(pickle.dumps(_Payload(marker)))
+    if name in ("state.pt", "student.pt"):
+        (d / "meta.json").write_text(json.dumps({"format": 1, "step": 1}))
+    else:
+        _vouch(d, name)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "shared", "output_dir": str(tmp_path / "runs")},
+                "model": {"size": "maskclip_nano", "vocab_size": 300},
+                "data": {"train": synth_parquet},
+                "checkpoint": {"storage_path": str(storage)},
+                "tracking": {"enabled": False},
+            }
+        )
+    )
+    evaluate = ["eval", str(d), "--retrieval", synth_parquet, "--no-mlflow"]
+    if name == "job.yaml":
+        # job.yaml is read by eval only (yaml.safe_load, for the run's name) and is not needed
+        # to load the model: the evaluation goes on with one warning
+        assert main(evaluate) == 0
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("warning: "), err
+    else:
+        for argv in (["run", str(job)], evaluate):
+            capsys.readouterr()
+            assert main(argv) == 2, argv
+            err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+            assert len(err) == 1 and err[0].startswith("error: ") and str(d) in err[0], (argv, err)
+    assert not marker.exists()
