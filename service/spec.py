@@ -52,6 +52,22 @@ CREDENTIALS_HELP = (
     "credentials never go in the job spec; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a "
     "profile, or the Kubernetes service account) in the environment"
 )
+USERINFO = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s/?#@]*)@|(?<![\w:/@.-])([^\s/?#@:'\"]+:[^\s/?#@'\"]+)@(?=[a-z0-9])"
+)
+"""User info in a URI (`scheme://user[:pass]@host`, any user part: a token often rides as the
+user name) or a bare `user:pass@host`: credentials by value, refused anywhere in a spec."""
+MLFLOW_CREDENTIALS = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+AWS_CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+MAX_SPEC_BYTES = 1024 * 1024
+"""Spec files larger than this are refused (a real spec is a few KB)."""
+MAX_SPEC_VALUES = 100_000
+"""Keys and values in a document with every YAML alias expanded. Aliases share one object when
+loaded, so a 1 KB spec of 9 nested levels of 10 aliases stands for 10^9 values: walking it
+naively kept `maskclip validate` busy past 30 s. Sizes are counted once per distinct object, so
+measuring is linear in the file, and such a document is refused before anything walks it."""
+MAX_SPEC_DEPTH = 64
+"""Nesting deeper than this is refused (a spec nests 4-5 levels)."""
 
 
 class Section(BaseModel):
@@ -297,8 +313,17 @@ class JobSpec(Section):
 # ---------------------------------------------------------------- loading and errors
 
 
+def redact(text: str) -> str:
+    """`text` with the user info of every URI in it replaced by `***`."""
+
+    def mask(m: re.Match[str]) -> str:
+        return f"{m.group(1)}***@" if m.group(1) else "***@"
+
+    return USERINFO.sub(mask, text)
+
+
 def _fmt_value(v: Any) -> str:
-    text = repr(v)
+    text = redact(repr(v))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -334,25 +359,87 @@ def _find_renamed(data: dict[str, Any]) -> list[str]:
     return found
 
 
-def _find_secrets(data: Any, path: str = "") -> list[str]:
-    found = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            p = f"{path}.{k}" if path else str(k)
-            if SECRET_KEY.search(str(k)) and path != "run.tags":
-                found.append(f"{p}: {CREDENTIALS_HELP}")
-            else:
-                found.extend(_find_secrets(v, p))
+def _measure(data: Any) -> None:
+    """Refuse a document whose alias-expanded size passes MAX_SPEC_VALUES, that nests deeper than
+    MAX_SPEC_DEPTH, or that contains itself; each distinct object is sized once (linear)."""
+    sizes: dict[int, int | None] = {}
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            known = sizes[id(node)]
+            if known is None:
+                raise SpecError("(spec): a YAML alias refers to a node that contains it")
+            return known
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"(spec): nested deeper than {MAX_SPEC_DEPTH} levels")
+        sizes[id(node)] = None
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total = min(total + size(child, depth + 1), MAX_SPEC_VALUES + 1)
+        sizes[id(node)] = total
+        return total
+
+    if size(data, 0) > MAX_SPEC_VALUES:
+        raise SpecError(
+            f"(spec): with its YAML aliases expanded the document holds more than "
+            f"{MAX_SPEC_VALUES:,} keys and values; write the spec without nested aliases"
+        )
+
+
+def _credentials_hint(path: str, uri: str) -> str:
+    """The environment variables that carry what a URI's user info held (MLflow's or AWS's)."""
+    parts = set(re.split(r"[.\[]", path))
+    if "tracking" in parts:
+        return MLFLOW_CREDENTIALS
+    if uri.lower().startswith("s3://") or parts & {"data", "checkpoint", "storage"}:
+        return AWS_CREDENTIALS
+    return f"{MLFLOW_CREDENTIALS} for MLflow, {AWS_CREDENTIALS} for S3"
+
+
+def _find_secrets(data: Any) -> list[str]:
+    """Credentials by value or by key name anywhere in the document (tags and sweep values too):
+    a key that names a credential, a string holding a URI with user info. Each distinct object is
+    visited once, so YAML aliases cost nothing; no line repeats the secret."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, (dict, list)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if isinstance(node, dict):
+            children = []
+            for k, v in node.items():
+                p = f"{path}.{k}" if path else str(k)
+                if SECRET_KEY.search(str(k)):
+                    found.append(f"{redact(p)}: {CREDENTIALS_HELP}")
+                elif isinstance(k, str) and USERINFO.search(k):
+                    found.append(f"{redact(p)}: a key holds a URI with credentials; remove them")
+                else:
+                    children.append((p, v))
+            stack.extend(reversed(children))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+        elif isinstance(node, str) and USERINFO.search(node):
+            found.append(
+                f"{redact(path) or '(spec)'}: credentials in a URI are refused "
+                f"(got {_fmt_value(node)}); set {_credentials_hint(path, node)} in the environment"
+            )
     return found
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise SpecError(f"--set {text}: expected dotted.path=value")
+        raise SpecError(f"--set {redact(text)}: expected dotted.path=value")
     path, raw = text.split("=", 1)
     keys = path.strip().split(".")
     if not all(keys):
-        raise SpecError(f"--set {text}: expected dotted.path=value")
+        raise SpecError(f"--set {redact(text)}: expected dotted.path=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -369,7 +456,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise SpecError(f"{'.'.join(keys[: i + 1])}: is not a section (got {child!r})")
+                raise SpecError(
+                    f"{'.'.join(keys[: i + 1])}: is not a section (got {_fmt_value(child)})"
+                )
             node = child
         node[keys[-1]] = value
     return data
@@ -379,8 +468,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{path}: no such spec file")
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{path}: {p.stat().st_size:,} bytes; a spec file may hold at most {MAX_SPEC_BYTES:,}"
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to read") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -398,6 +493,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_spec(data: dict[str, Any]) -> JobSpec:
+    """The validated spec; refused first: documents too large once aliases are expanded,
+    credentials (by key name or by value), renamed keys. Every caller (files, `--set`, sweep
+    values, `submit`, `render`) comes through here."""
+    _measure(data)
     problems = _find_secrets(data) + _find_renamed(data)
     if problems:
         raise SpecError(problems)

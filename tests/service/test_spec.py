@@ -153,3 +153,133 @@ def test_model_settings_round_trip_to_the_library(tmp_path, capsys):
     assert {f.name for f in dataclasses.fields(DistillConfig)} <= set(
         load_spec(resolved).model.model_dump()
     )
+
+
+# ---------------------------------------------------------------- no secret by value (issue 15)
+
+PASSWORD = "hunter2-Pq7zX"
+MLFLOW_VARS = "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+AWS_VARS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+URI_CASES = [
+    ("tag", "run: {tags: {team: 'https://u:PW@host'}}", [], "run.tags.team", "https://***@host"),
+    (
+        "tracking",
+        "tracking: {tracking_uri: 'https://u:PW@mlflow.example.com'}",
+        [],
+        "tracking.tracking_uri",
+        MLFLOW_VARS,
+    ),
+    ("endpoint", "storage: {endpoint_url: 'http://AKIA:PW@minio:9000'}", [], "storage", AWS_VARS),
+    ("token-as-user", "tracking: {tracking_uri: 'https://PW@host'}", [], "tracking", MLFLOW_VARS),
+    ("bare", "run: {tags: {db: 'admin:PW@db.example.com'}}", [], "run.tags.db", "'***@db."),
+    (
+        "sweep",
+        "sweep: {parameters: {tracking.tracking_uri: {values: ['https://u:PW@h']}}}",
+        [],
+        "sweep.parameters.tracking.tracking_uri.values[0]",
+        MLFLOW_VARS,
+    ),
+    ("set", "", ["--set", "checkpoint.storage_path=s3://u:PW@bucket/x"], "checkpoint", AWS_VARS),
+    ("set-tag", "", ["--set", "run.tags.src=https://u:PW@host"], "run.tags.src", "https://***@"),
+]
+
+
+@pytest.mark.parametrize("name,text,argv,field,hint", URI_CASES, ids=[c[0] for c in URI_CASES])
+def test_credentials_in_a_uri_are_refused(tmp_path, capsys, name, text, argv, field, hint):
+    """`https://u:p@host` anywhere (a tag, a URI field, a sweep value, a --set): exit 2, one line
+    naming the field and where the credentials go instead; the password is nowhere printed."""
+    path = tmp_path / "job.yaml"
+    path.write_text(f"data: {{train: {tmp_path}}}\n{text.replace('PW', PASSWORD)}\n")
+    argv = [a.replace("PW", PASSWORD) for a in argv]
+    assert main(["validate", str(path), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"error: {field}") and len(err.strip().splitlines()) == 1, err
+    assert "credentials in a URI are refused" in err and hint in err, err
+    assert "in the environment" in err
+    assert PASSWORD not in err and PASSWORD not in out
+
+
+def test_the_brief_case_u_p_at_host(tmp_path, capsys):
+    """The issue's own example, `https://u:p@host`, in a tag and in a URI: two lines, no `u:p`."""
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"data: {{train: {tmp_path}}}\nrun: {{tags: {{a: 'https://u:p@host'}}}}\n"
+        "tracking: {tracking_uri: 'https://u:p@host'}\n"
+    )
+    assert main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert [ln.split(":")[1] for ln in lines] == [" run.tags.a", " tracking.tracking_uri"], lines
+    assert "u:p" not in out + err and "p@" not in out + err
+
+
+def test_tag_key_names_are_scanned(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"data: {{train: {tmp_path}}}\nrun: {{tags: {{api_key: abc}}}}\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("error: run.tags.api_key: credentials never go")
+
+
+def test_harmless_at_signs_and_small_aliases_pass(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"data: {{train: &d {tmp_path}, val: *d}}\n"
+        "run: {tags: {owner: alice@example.com, ref: 's3://bucket/key@v2'}}\n"
+        "tracking: {tracking_uri: 'https://mlflow.example.com:5000/p@th'}\n"
+    )
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert "owner: alice@example.com" in capsys.readouterr().out
+
+
+def _alias_bomb(levels: int = 9, width: int = 10) -> str:
+    names = [f"l{i}" for i in range(levels)]
+    lines = [f"  {names[0]}: &{names[0]} [{', '.join(['x'] * width)}]"]
+    for prev, name in zip(names, names[1:]):
+        lines.append(f"  {name}: &{name} [{', '.join([f'*{prev}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("section", ["sweep", "tags"])
+def test_alias_bomb_is_refused_in_under_a_second(tmp_path, capsys, section):
+    """9 levels of 10 aliases (~1 KB, 10^9 values expanded) kept the old scan busy past 30 s."""
+    import time
+
+    bomb = _alias_bomb()
+    head = "sweep:\n" if section == "sweep" else "run:\n tags:\n"
+    body = bomb if section == "sweep" else bomb.replace("  ", "   ")
+    path = tmp_path / "job.yaml"
+    path.write_text(f"data: {{train: {tmp_path}}}\n{head}{body}")
+    assert path.stat().st_size < 1200
+    t0 = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert seconds < 1.0, seconds
+    assert err.strip() == (
+        "error: (spec): with its YAML aliases expanded the document holds more than 100,000 "
+        "keys and values; write the spec without nested aliases"
+    )
+
+
+def test_recursive_alias_is_refused(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"data: {{train: {tmp_path}}}\nsweep: &a {{x: *a}}\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: (spec): a YAML alias refers to a node that contains it"
+    )
+
+
+def test_oversized_and_deep_specs_are_refused(tmp_path, capsys):
+    from service.spec import MAX_SPEC_BYTES
+
+    path = tmp_path / "big.yaml"
+    path.write_text(f"data: {{train: {tmp_path}}}\n" + "#" * MAX_SPEC_BYTES + "\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: ") and "at most 1,048,576" in err and "\n" not in err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"data: {{train: {tmp_path}}}\nsweep: {{x: {'[' * 100}1{']' * 100}}}\n")
+    assert main(["validate", str(deep)]) == 2
+    assert capsys.readouterr().err.strip() == "error: (spec): nested deeper than 64 levels"
