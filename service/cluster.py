@@ -6,7 +6,9 @@
 
 * The spec is validated locally first; only the resolved spec (``job.yaml``) travels, in a
   temporary working dir: the cluster image already has the project installed. ``working_dir=``
-  ships the repository too (dev clusters), run as ``python -m service.cli`` from that copy.
+  ships the repository too (dev clusters), run as ``python -m service.cli`` from that copy: a
+  clean copy of ``shipped_files(repo)`` (no ``.git``, ``.venv``, ``.terraform``, ``.env``,
+  Terraform state, keys or credential files; symlinks never followed).
 * Submission ids derive from ``run.name`` and a hash of what is shipped, so submitting the same
   spec again returns the job already PENDING / RUNNING / SUCCEEDED instead of starting a second
   one; after a FAILED / STOPPED job the next submission gets ``-2``, ``-3``, ... (the same run
@@ -25,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import ipaddress
 import os
-import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -49,8 +52,32 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SPEC_FILE = "job.yaml"
 DEFAULT_ENTRYPOINT = f"maskclip run {SPEC_FILE}"
 DEV_ENTRYPOINT = f"python -m service.cli run {SPEC_FILE}"
-WORKING_DIR_EXCLUDES = [".venv", "data", "runs", ".git", "mlruns"]
-_COPY_IGNORE = {"__pycache__", ".pytest_cache", ".ruff_cache"}  # at any depth
+SKIP_DIRS = frozenset(
+    {".git", ".venv", "venv", ".terraform", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    | {".mypy_cache", "node_modules"}
+)
+"""Folders never shipped by ``--working-dir``, at any depth (state, environments, VCS)."""
+SKIP_TOP_DIRS = frozenset({"data", "runs", "mlruns", "mlartifacts", "build", "dist"})
+"""Folders of local data and outputs, skipped at the top of the working dir only."""
+SECRET_FILES = (
+    ".env",
+    ".env.*",
+    "*.tfstate",
+    "*.tfstate.*",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.pem",
+    "*.key",
+    "credentials*",
+)
+"""File names never shipped (fnmatch, any depth): env files, Terraform state (it holds secrets
+in clear), SSH and TLS keys, cloud credential files. `.gitignore` and `.dockerignore` list the
+same (tests/service/test_cluster.py checks that they agree)."""
+SKIP_FILES = SECRET_FILES + ("*.pyc", "mlflow.db")
+RAY_EXCLUDES = [*(f"{d}/" for d in sorted(SKIP_DIRS)), *SECRET_FILES]
+"""The same rules as Ray ``excludes`` (gitignore syntax): a second fence around the clean copy."""
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 STOP_GRACE_S = 120
 """Seconds between SIGTERM and SIGKILL when a job is stopped (the run checkpoints on SIGTERM)."""
@@ -336,28 +363,72 @@ def runtime_env(
     return out
 
 
+def _skipped_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SKIP_FILES)
+
+
+def shipped_files(repo: Path, links: list[str] | None = None) -> list[str]:
+    """The files ``submit --working-dir repo`` ships, as sorted POSIX paths relative to repo.
+
+    Skipped: SKIP_DIRS at any depth, SKIP_TOP_DIRS at the top, SKIP_FILES (secrets, bytecode),
+    ``*.egg-info`` folders, anything not a regular file. Symlinks (files or folders) are never
+    followed: a link to ``~/.aws`` or ``/etc`` would ship what it points at; their paths are
+    appended to ``links`` when given."""
+    out: list[str] = []
+    for folder, dirs, files in os.walk(repo, followlinks=False):
+        here = Path(folder)
+        top = here == repo
+        kept = []
+        for d in sorted(dirs):
+            rel = (here / d).relative_to(repo).as_posix()
+            if (here / d).is_symlink():
+                if links is not None:
+                    links.append(rel)
+            elif not (d in SKIP_DIRS or d.endswith(".egg-info") or (top and d in SKIP_TOP_DIRS)):
+                kept.append(d)
+        dirs[:] = kept
+        for name in sorted(files):
+            path = here / name
+            rel = path.relative_to(repo).as_posix()
+            if path.is_symlink():
+                if links is not None:
+                    links.append(rel)
+            elif not _skipped_file(name) and stat.S_ISREG(path.lstat().st_mode):
+                out.append(rel)
+    return sorted(out)
+
+
 def _stage(spec_yaml: str, repo: Path | None, dest: Path) -> str:
-    """Fill ``dest`` (the job's working dir) and return a digest of its code (repo only)."""
+    """Fill ``dest`` (the job's working dir) and return a digest of its code (repo only).
+
+    With a repo, ``dest`` is a clean copy of exactly ``shipped_files(repo)``; each file is opened
+    with O_NOFOLLOW, so a file swapped for a link after listing is refused, not followed."""
     h = hashlib.sha256()
+    dest.mkdir(parents=True, exist_ok=True)
     if repo is not None:
         if not repo.is_dir():
             raise UserError(f"--working-dir {repo}: no such directory")
-
-        def ignore(folder: str, names: list[str]) -> set[str]:
-            top = Path(folder) == repo  # the excludes name top-level folders (repo/data, ...)
-            return {
-                n
-                for n in names
-                if n in _COPY_IGNORE
-                or n.endswith((".egg-info", ".pyc"))
-                or (top and n in WORKING_DIR_EXCLUDES)
-            }
-
-        shutil.copytree(repo, dest, ignore=ignore, dirs_exist_ok=True)
-        for p in sorted(dest.rglob("*")):
-            if p.is_file():
-                h.update(str(p.relative_to(dest)).encode() + b"\0" + p.read_bytes() + b"\0")
-    dest.mkdir(parents=True, exist_ok=True)
+        links: list[str] = []
+        for rel in shipped_files(repo, links):
+            try:
+                fd = os.open(repo / rel, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as e:
+                raise UserError(f"--working-dir {repo}: cannot read {rel}: {e.strerror}") from None
+            with os.fdopen(fd, "rb") as f:
+                content = f.read()
+                mode = os.fstat(f.fileno()).st_mode & 0o755
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            target.chmod(mode | 0o600)
+            h.update(rel.encode() + b"\0" + content + b"\0")
+        if links:
+            shown = ", ".join(links[:5]) + (", ..." if len(links) > 5 else "")
+            print(
+                f"note: --working-dir: not shipping {len(links)} symlink(s) (links are never "
+                f"followed): {shown}",
+                file=sys.stderr,
+            )
     (dest / SPEC_FILE).write_text(spec_yaml, encoding="utf-8")
     return h.hexdigest() if repo is not None else ""
 
@@ -410,7 +481,7 @@ def submit(
         renv = runtime_env(
             stage,
             url,
-            excludes=WORKING_DIR_EXCLUDES if repo else None,
+            excludes=RAY_EXCLUDES if repo else None,
             stop_grace_s=stop_grace_s,
         )
         with _api_errors(url):

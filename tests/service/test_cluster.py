@@ -4,12 +4,18 @@ The head is a separate `ray start --head --block` process with its own --temp-di
 so an in-process `ray.init(address="local")` elsewhere in the session is unaffected; teardown
 ends exactly the processes it started (its process group and descendants, by pid) instead of a
 machine-wide `ray stop`. RAY_ADDRESS is never written to os.environ.
+
+The head requires Ray token auth (RAY_AUTH_MODE=token, a fresh token): every command here sends
+the token from RAY_AUTH_TOKEN, set for this module only; one test shows a missing or wrong token
+is a one-line error that never prints the token.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -68,8 +74,18 @@ def _descendants(pid: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """Jobs API URL of a private Ray head (2 CPUs, dashboard on 127.0.0.1)."""
+def ray_token():
+    """A fresh Ray auth token, in RAY_AUTH_TOKEN for this module's clients only."""
+    token = f"mc-test-{secrets.token_hex(16)}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_TOKEN", token)
+        mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+        yield token
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_token):
+    """Jobs API URL of a private Ray head (2 CPUs, dashboard on 127.0.0.1, token auth on)."""
     ray_exe = shutil.which("ray", path=str(VENV_BIN)) or shutil.which("ray")
     if not ray_exe:
         pytest.skip("the `ray` CLI is not installed")
@@ -82,9 +98,10 @@ def ray_head():
         "--ray-client-server-port": _free_port(),
         "--metrics-export-port": _free_port(),
     }
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(
-        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=ray_token,
         RAY_USAGE_STATS_ENABLED="0",
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `maskclip` for the entrypoints
     )
@@ -113,7 +130,8 @@ def ray_head():
             if proc.poll() is not None:
                 pytest.fail(f"ray start exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{url}/api/jobs/", timeout=2).status_code == 200:
+                auth = {"Authorization": f"Bearer {ray_token}"}
+                if requests.get(f"{url}/api/jobs/", headers=auth, timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -271,6 +289,59 @@ def test_unknown_job_is_a_one_line_error(ray_head, capsys):
     assert err == f"error: no job no-such-job on the Ray cluster at {ray_head}"
 
 
+def test_the_cluster_requires_the_token(ray_head, ray_token, monkeypatch, tmp_path, capsys):
+    """The head runs with token auth: no token or a wrong one is one line, exit 2, and neither
+    the right token nor the wrong one is ever printed; the module's token (RAY_AUTH_TOKEN) works."""
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # an earlier ray.init() may have set it
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert requests.get(f"{ray_head}/api/jobs/", timeout=5).status_code == 401
+    assert main(["list", "--address", ray_head]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: the Ray Jobs API at {ray_head} "), err
+    assert err.strip().endswith("to the cluster's token") and len(err.strip().splitlines()) == 1
+    wrong = f"wrong-{secrets.token_hex(8)}"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", wrong)
+    assert main(["list", "--address", ray_head]) == 2
+    out2, err2 = capsys.readouterr()
+    assert err2.strip() == (
+        f"error: the Ray Jobs API at {ray_head} rejected the token: set RAY_AUTH_TOKEN or "
+        "RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token) to the cluster's token"
+    )
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_token)
+    assert main(["list", "--address", ray_head]) == 0
+    out3, err3 = capsys.readouterr()
+    for text in (out, err, out2, err2, out3, err3):
+        assert ray_token not in text and wrong not in text
+
+
+def test_working_dir_ships_only_the_clean_copy(ray_head, ray_token, specs, tmp_path):
+    """What the cluster receives from --working-dir is exactly shipped_files(): the job lists its
+    own working dir; no secret file, no symlink target, and no token in the job's runtime_env."""
+    repo, secret = _planted_repo(tmp_path)
+    out = io.StringIO()
+    job_id = cluster.submit(
+        specs / "validate-me.yaml",
+        [],
+        ray_head,
+        wait=True,
+        working_dir=repo,
+        entrypoint="find . \\( -type f -o -type l \\) -print | sort && grep -rl SECRET . ; true",
+        out=out,
+    )
+    output = out.getvalue()
+    assert cluster.job_status(job_id, ray_head) == "SUCCEEDED", output
+    listed = sorted(ln[2:] for ln in output.splitlines() if ln.startswith("./"))
+    assert listed == sorted([*SHIPPED, cluster.SPEC_FILE]), output
+    assert secret not in output
+    info = cluster.connect(ray_head).get_job_info(job_id)
+    assert ray_token not in repr(info) and secret not in repr(info)
+    assert set(info.runtime_env.get("env_vars", {})) <= {
+        *cluster.PASSTHROUGH_ENV,
+        "RAY_JOB_STOP_WAIT_TIME_S",
+    }
+
+
 # ---------------------------------------------------------------- no cluster needed
 
 
@@ -358,3 +429,124 @@ def test_submission_id_is_stable(specs):
     assert a.startswith("maskclip-sleeper-") and len(a) == len("maskclip-sleeper-") + 8
     assert a != cluster.submission_id(spec, entrypoint="echo hi")
     assert a != cluster.submission_id(load_spec(specs / "sleeper.yaml", ["run.seed=1"]))
+
+
+# ---------------------------------------------------------------- what --working-dir ships
+
+SECRET_PATHS = [
+    ".env",
+    ".env.local",
+    "infra/.env",
+    "infra/terraform.tfstate",
+    "infra/terraform.tfstate.backup",
+    "infra/.terraform/providers/aws/plugin",
+    "deep/er/.terraform/terraform.tfstate",
+    ".venv/bin/activate",
+    "id_rsa",
+    "keys/id_ed25519",
+    "keys/id_ed25519.pub",
+    "tls/server.pem",
+    "server.key",
+    "credentials",
+    "aws/credentials.json",
+]
+SHIPPED = ["probe.py", "service/app.py", "infra/main.tf", "k8s/raycluster.yaml", "README.md"]
+
+
+def _planted_repo(tmp_path: Path) -> tuple[Path, str]:
+    """A working dir with every kind of secret file, a .git folder and symlinks (to a secret
+    file outside it, and to a folder outside it) next to the files that should ship."""
+    secret = f"SECRET-{secrets.token_hex(8)}"
+    repo = tmp_path / "repo"
+    for rel in [*SECRET_PATHS, ".git/config"]:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(f"{secret}\n")
+    for rel in SHIPPED:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(f"# {rel}\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "token").write_text(f"{secret}\n")
+    (repo / "linked_token").symlink_to(outside / "token")
+    (repo / "linked_dir").symlink_to(outside, target_is_directory=True)
+    return repo, secret
+
+
+def test_working_dir_is_a_clean_copy(tmp_path, capsys):
+    repo, secret = _planted_repo(tmp_path)
+    links: list[str] = []
+    assert cluster.shipped_files(repo, links) == sorted(SHIPPED)
+    assert sorted(links) == ["linked_dir", "linked_token"]
+    stage = tmp_path / "stage"
+    digest = cluster._stage("run: {name: x}\n", repo, stage)
+    assert len(digest) == 64
+    staged = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if not p.is_dir())
+    assert staged == sorted([*SHIPPED, cluster.SPEC_FILE])
+    assert not any(p.is_symlink() for p in stage.rglob("*"))
+    assert not any(secret in p.read_text() for p in stage.rglob("*") if p.is_file())
+    err = capsys.readouterr().err
+    assert "not shipping 2 symlink(s)" in err and secret not in err
+    # the same rules travel as Ray `excludes` around the copy
+    assert {".env", "*.tfstate", "*.pem", "credentials*", ".git/"} <= set(cluster.RAY_EXCLUDES)
+
+
+def _docker_ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule (moby patternmatcher): patterns are anchored at the context
+    root, `**` spans folders, a match on a parent folder excludes everything under it, `!`
+    re-includes, the last match wins."""
+
+    def regex(pattern: str) -> re.Pattern[str]:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out)
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        rx = regex(raw.removeprefix("!").strip("/"))
+        if any(rx.fullmatch(p) for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_gitignore_dockerignore_and_submit_agree_on_secrets(tmp_path):
+    """Every secret path is ignored by git (`git check-ignore` on the repo's .gitignore), left
+    out of the image build context (.dockerignore) and not shipped by --working-dir."""
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    docker = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    git_dir = tmp_path / "g"
+    git_dir.mkdir()
+    subprocess.run(["git", "init", "-q", str(git_dir)], check=True)
+    shutil.copy(REPO / ".gitignore", git_dir / ".gitignore")
+    check = subprocess.run(
+        ["git", "-c", "core.excludesFile=/dev/null", "check-ignore", "--no-index", "--stdin"],
+        cwd=git_dir,
+        input="\n".join([*SECRET_PATHS, *SHIPPED]) + "\n",
+        capture_output=True,
+        text=True,
+    )
+    git_ignored = set(check.stdout.split())
+    repo, _ = _planted_repo(tmp_path)
+    shipped = set(cluster.shipped_files(repo))
+    for path in SECRET_PATHS:
+        assert path in git_ignored, f".gitignore lets {path} through"
+        assert _docker_ignored(path, docker), f".dockerignore lets {path} through"
+        assert path not in shipped, f"--working-dir ships {path}"
+    assert _docker_ignored(".git/config", docker) and ".git/config" not in shipped
+    for path in SHIPPED:  # and the rules are not so broad that they hide the code
+        assert path not in git_ignored and path in shipped
+    for path in ("service/app.py", "maskclip/model.py", "README.md", "pyproject.toml"):
+        assert not _docker_ignored(path, docker), path  # what the Dockerfile copies
+    assert _docker_ignored("runs/t/meta.json", docker) and _docker_ignored("tests/x.py", docker)
