@@ -1,13 +1,24 @@
-"""Render a job spec as KubeRay manifests: a ConfigMap with the resolved spec + a ``RayJob``.
+"""Render a job spec as KubeRay manifests: a ConfigMap with the resolved spec, a NetworkPolicy and
+a ``RayJob``.
 
     docs = render_manifests(spec, spec.to_yaml(), image="ghcr.io/maskclip/maskclip-service:0.1.0")
     print(dump_manifests(docs))        # kubectl apply -f -
 
 The RayJob brings up its own Ray cluster (head: no training, ``num-cpus: "0"``; one worker group
 sized from ``spec.scaling``), runs ``maskclip run /config/job.yaml`` on it (the spec mounted from
-the ConfigMap), and tears the cluster down when the job ends. Pods run as uid 1000 with a
-read-only root filesystem, under the ``maskclip-runner`` service account (S3 access through
-its cloud identity: no keys anywhere in the manifests).
+the ConfigMap), and tears the cluster down when the job ends.
+
+Control plane: Ray token auth is on (``authOptions.mode: token`` and ``RAY_AUTH_MODE=token``), the
+token read from the Secret ``maskclip-ray-token`` (key ``auth_token``) through ``secretKeyRef``;
+the MLflow client credentials come from the Secret ``mlflow-client``. Neither Secret is rendered:
+they are created once per namespace, out of band (k8s/kustomization.yaml says how). The
+NetworkPolicy lets the run's pods (head, workers, submitter) and the KubeRay operator reach the
+Ray ports, nothing else; k8s/networkpolicy.yaml denies everything else in the namespace.
+
+Pods pass the restricted Pod Security Standard: uid 1000, no privilege escalation, all
+capabilities dropped, RuntimeDefault seccomp, read-only root filesystem. Head and workers run
+under their own service accounts (S3 through their cloud identity: no keys anywhere in the
+manifests) with no Kubernetes API token mounted: a RayJob runs no autoscaler.
 """
 
 from __future__ import annotations
@@ -22,10 +33,18 @@ from typing import Any
 import yaml
 
 from .cluster import for_cluster, shipped_yaml
+from .errors import ClusterError
 from .spec import JobSpec
 
 DEFAULT_NAMESPACE = "maskclip"
-SERVICE_ACCOUNT = "maskclip-runner"
+HEAD_SERVICE_ACCOUNT = "maskclip-ray-head"
+WORKER_SERVICE_ACCOUNT = "maskclip-ray-worker"
+SUBMITTER_SERVICE_ACCOUNT = "maskclip-ray-submitter"
+RAY_TOKEN_SECRET = "maskclip-ray-token"
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay's authOptions.secretName expects
+MLFLOW_CLIENT_SECRET = "mlflow-client"
+RAY_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
+KUBERAY_OPERATOR_NAMESPACE = "kuberay-system"
 IMAGE_REPO = "ghcr.io/maskclip/maskclip-service"
 DEFAULT_TRACKING_URI = "http://mlflow.maskclip.svc:5000"
 CONFIG_DIR = "/config"
@@ -68,6 +87,34 @@ def default_image() -> str:
     return f"{IMAGE_REPO}:{project_version()}"
 
 
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_RE = re.compile(
+    rf"(?:(?P<registry>(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9]"
+    rf"(?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?::[0-9]+)?)/)?"
+    rf"(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
+    rf"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}))?"
+    rf"(?:@(?P<digest>[A-Za-z0-9_+.-]+:[0-9a-fA-F]+))?"
+)
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_image(image: str) -> str:
+    """An OCI image reference, ``repo[:tag]`` or pinned ``repo[:tag]@sha256:<64 hex>``; raises
+    :class:`ClusterError` (one line) for anything else, a malformed digest included."""
+    m = _IMAGE_RE.fullmatch(image or "")
+    if not m or len(image) > 512:
+        raise ClusterError(
+            f"--image: not an image reference (got {image!r}); expected "
+            "REPO[:TAG] or REPO[:TAG]@sha256:<64 hex digits>"
+        )
+    digest = m.group("digest")
+    if digest is not None and not _DIGEST_RE.fullmatch(digest):
+        raise ClusterError(
+            f"--image: the digest must be sha256: and 64 lowercase hex digits (got {digest!r})"
+        )
+    return image
+
+
 def k8s_name(run_name: str, max_len: int = MAX_NAME) -> str:
     """A DNS-1035 label from a run name: lowercase, ``[a-z0-9-]``, letter first, ≤ max_len.
     Names that had to be shortened get a hash suffix so distinct runs stay distinct."""
@@ -81,12 +128,37 @@ def k8s_name(run_name: str, max_len: int = MAX_NAME) -> str:
     return name
 
 
-def _env(spec: JobSpec) -> list[dict[str, str]]:
-    env = [
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def ray_auth_env() -> list[dict[str, Any]]:
+    """Token auth on every Ray container (head, workers, the job submitter): the mode by value,
+    the token from the Secret. KubeRay's ``authOptions`` would inject the same two variables; it
+    keeps ones already set, and writing them here keeps auth on under an operator that predates
+    ``authOptions`` (the API server drops the unknown field silently)."""
+    return [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        _secret_env("RAY_AUTH_TOKEN", RAY_TOKEN_SECRET, RAY_TOKEN_KEY),
+    ]
+
+
+def mlflow_client_env() -> list[dict[str, Any]]:
+    """The MLflow client's basic-auth credentials (read natively by MLflow) from a Secret."""
+    return [
+        _secret_env("MLFLOW_TRACKING_USERNAME", MLFLOW_CLIENT_SECRET, "username"),
+        _secret_env("MLFLOW_TRACKING_PASSWORD", MLFLOW_CLIENT_SECRET, "password"),
+    ]
+
+
+def _env(spec: JobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
         {
             "name": "MLFLOW_TRACKING_URI",
             "value": spec.tracking.tracking_uri or DEFAULT_TRACKING_URI,
-        }
+        },
+        *mlflow_client_env(),
+        *ray_auth_env(),
     ]
     if spec.storage.endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
@@ -97,12 +169,14 @@ def _env(spec: JobSpec) -> list[dict[str, str]]:
 
 
 def _container_security() -> dict[str, Any]:
+    """Restricted Pod Security Standard, plus a read-only root filesystem."""
     return {
         "runAsNonRoot": True,
         "runAsUser": UID,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
@@ -140,6 +214,7 @@ def _volumes(config_map: str | None, shm: str | None) -> tuple[list[dict], list[
 def _pod_template(
     *,
     component: str,
+    service_account: str,
     run_label: str,
     container: dict[str, Any],
     config_map: str | None,
@@ -157,7 +232,10 @@ def _pod_template(
         "volumeMounts": mounts,
     }
     pod: dict[str, Any] = {
-        "serviceAccountName": SERVICE_ACCOUNT,
+        "serviceAccountName": service_account,
+        # No pod of a RayJob calls the Kubernetes API (no autoscaler): no API token mounted.
+        # S3 access is unaffected: IRSA projects its own web-identity token.
+        "automountServiceAccountToken": False,
         "securityContext": _pod_security(),
         "containers": [container],
         "volumes": volumes,
@@ -225,22 +303,19 @@ def render_rayjob(
 ) -> dict[str, Any]:
     """The RayJob for a spec; ``spec_yaml`` is what the ConfigMap ships (its hash is annotated so
     a changed spec shows up in ``kubectl diff``)."""
-    image = image or default_image()
+    image = check_image(image) if image else default_image()
     name = k8s_name(spec.run.name)
     cm = config_map_name(spec)
     s = spec.scaling
     env = _env(spec)
     head = _pod_template(
         component="ray-head",
+        service_account=HEAD_SERVICE_ACCOUNT,
         run_label=name,
         container={
             "name": "ray-head",
             "image": image,
-            "ports": [
-                {"name": "gcs", "containerPort": 6379},
-                {"name": "dashboard", "containerPort": 8265},
-                {"name": "client", "containerPort": 10001},
-            ],
+            "ports": [{"name": n, "containerPort": p} for n, p in RAY_PORTS.items()],
             "env": [*env, {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)}],
             "resources": HEAD_RESOURCES,
         },
@@ -255,6 +330,7 @@ def render_rayjob(
     )
     worker = _pod_template(
         component="ray-worker",
+        service_account=WORKER_SERVICE_ACCOUNT,
         run_label=name,
         container={
             "name": "ray-worker",
@@ -268,11 +344,13 @@ def render_rayjob(
     )
     submitter = _pod_template(
         component="ray-job-submitter",
+        service_account=SUBMITTER_SERVICE_ACCOUNT,
         run_label=name,
         container={
             "name": "ray-job-submitter",
             "image": image,
-            "env": [{"name": "HOME", "value": HOME}],
+            # `ray job submit` needs the token; it needs no S3 and no MLflow credentials.
+            "env": [*ray_auth_env(), {"name": "HOME", "value": HOME}],
             "resources": SUBMITTER_RESOURCES,
         },
         config_map=None,
@@ -287,6 +365,9 @@ def render_rayjob(
         "backoffLimit": int(backoff_limit),
         "rayClusterSpec": {
             "rayVersion": ray_version(),
+            # KubeRay reads the token from this Secret (key auth_token) for its own dashboard
+            # calls and injects it into every Ray container; it generates no Secret of its own.
+            "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
             "headGroupSpec": {
                 "serviceType": "ClusterIP",
                 # No training on the head: it runs the GCS, dashboard and the job's driver.
@@ -329,6 +410,51 @@ def render_rayjob(
     return copy.deepcopy(rayjob)  # no shared sub-objects (no YAML aliases, safe to edit)
 
 
+def network_policy_name(spec: JobSpec) -> str:
+    return f"{k8s_name(spec.run.name)}-ray"
+
+
+def render_network_policy(spec: JobSpec, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
+    """The run's pods (head, workers, submitter: label ``maskclip.io/run``) talk to each other on
+    any port; the KubeRay operator reaches the head's dashboard (it polls the job's status there).
+    Nothing else reaches them: k8s/networkpolicy.yaml denies all other traffic in the namespace
+    and allows DNS, HTTPS egress (S3, STS) and MLflow."""
+    name = k8s_name(spec.run.name)
+    run = {"matchLabels": {"maskclip.io/run": name}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(spec),
+            "namespace": namespace,
+            "labels": {**LABELS, "maskclip.io/run": name},
+        },
+        "spec": {
+            "podSelector": run,
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [{"podSelector": run}]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {
+                                    "kubernetes.io/metadata.name": KUBERAY_OPERATOR_NAMESPACE
+                                }
+                            },
+                            "podSelector": {
+                                "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}
+                            },
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": RAY_PORTS["dashboard"]}],
+                },
+            ],
+            "egress": [{"to": [{"podSelector": run}]}],
+        },
+    }
+
+
 def render_manifests(
     spec: JobSpec,
     spec_yaml: str | None = None,
@@ -336,12 +462,13 @@ def render_manifests(
     namespace: str = DEFAULT_NAMESPACE,
     **options: Any,
 ) -> list[dict[str, Any]]:
-    """[ConfigMap with ``job.yaml``, RayJob] — apply them together. ``spec_yaml`` defaults to the
-    spec as it runs on a cluster (``scaling.ray_address: auto``); ``options`` go to
-    :func:`render_rayjob`."""
+    """[ConfigMap with ``job.yaml``, the run's NetworkPolicy, RayJob] — apply them together.
+    ``spec_yaml`` defaults to the spec as it runs on a cluster (``scaling.ray_address: auto``);
+    ``options`` go to :func:`render_rayjob`."""
     spec_yaml = shipped_yaml(for_cluster(spec)) if spec_yaml is None else spec_yaml
     return [
         render_config_map(spec, spec_yaml, namespace),
+        render_network_policy(spec, namespace),
         render_rayjob(spec, spec_yaml, image, namespace, **options),
     ]
 

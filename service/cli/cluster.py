@@ -3,7 +3,7 @@
     maskclip submit jobs/s3.yaml --address http://127.0.0.1:8265 [--set k=v] [--wait]
     maskclip status JOB_ID            maskclip logs JOB_ID --follow
     maskclip stop JOB_ID              maskclip list
-    maskclip render jobs/s3.yaml --image ghcr.io/maskclip/maskclip-service:0.1.0 > rayjob.yaml
+    maskclip render jobs/s3.yaml --image ghcr.io/maskclip/maskclip-service@sha256:HEX > rayjob.yaml
 
 --address defaults to $RAY_ADDRESS, then http://127.0.0.1:8265 (e.g. a `kubectl port-forward`).
 Only argparse at the top: service.cluster (pydantic, yaml) and ray load inside the commands.
@@ -140,7 +140,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("render", help="print a KubeRay RayJob (+ ConfigMap) for a spec")
     spec_args(p)
-    p.add_argument("--image", default=None, help="container image (default: the project's)")
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="REF",
+        help="container image, REPO[:TAG] or pinned REPO[:TAG]@sha256:<64 hex> (default: the "
+        "project's); anything else is refused",
+    )
     p.add_argument("--namespace", default="maskclip", help="Kubernetes namespace")
     p.add_argument("--ttl", type=int, default=3600, help="ttlSecondsAfterFinished (default 3600)")
     p.add_argument("--backoff-limit", type=int, default=0, help="RayJob retries (default 0)")

@@ -12,5 +12,6 @@ except ImportError:  # tests/ not importable as a package: pytest put this direc
 
 @pytest.fixture
 def kuberay_schemas() -> None:
-    """Skip the test when the KubeRay CRD schemas ($MASKCLIP_KUBERAY_SCHEMAS) are absent."""
+    """Skip the test when the KubeRay CRD schemas ($MASKCLIP_KUBERAY_SCHEMAS) are absent; fail it
+    when CI=true."""
     require_kuberay_schemas("RayCluster", "RayJob")

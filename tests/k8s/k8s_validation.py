@@ -6,7 +6,7 @@ tests/k8s can also ``from k8s_validation import ...`` (pytest puts that director
 
     from tests.k8s.k8s_validation import validate_manifest, require_kuberay_schemas
 
-    require_kuberay_schemas()            # pytest.skip(...) when the CRD schemas are not available
+    require_kuberay_schemas()            # skip when the CRD schemas are absent; FAIL under CI=true
     errors = validate_manifest(doc)      # [] when valid, else one readable line per problem
     assert not errors, "\\n".join(errors)
 
@@ -24,7 +24,9 @@ How it validates:
   ``kubernetes_validate.validate(doc, K8S_VERSION, strict=True)``.
 
 The CRD schemas are read from the directory in ``$MASKCLIP_KUBERAY_SCHEMAS``, default
-``<repo>/../shared/schemas/kuberay``; they are never copied into the repository.
+``<repo>/../shared/schemas/kuberay``; they are never copied into the repository. A developer
+without them gets skips; CI (``CI=true``, as GitHub Actions and most runners set it) gets a
+failure, so a pipeline that lost the schemas cannot report the KubeRay manifests as valid.
 
 Difference from a real API server to keep in mind: jsonschema does not apply a field's
 ``default:`` first, so fields with defaults that the CRD marks required (e.g. a worker group's
@@ -63,6 +65,7 @@ __all__ = [
     "iter_containers",
     "iter_pod_specs",
     "iter_pod_templates",
+    "in_ci",
     "kuberay_schema_dir",
     "load_manifests",
     "require_kuberay_schemas",
@@ -93,13 +96,22 @@ def _missing_reason(kind: str = "RayCluster") -> str | None:
     )
 
 
+def in_ci() -> bool:
+    """``CI`` set to a true value (``true``/``1``/``yes``), as CI runners export it."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
 def require_kuberay_schemas(*kinds: str) -> None:
-    """``pytest.skip`` the calling test when a needed CRD schema file is absent."""
+    """``pytest.skip`` the calling test when a needed CRD schema file is absent, or
+    ``pytest.fail`` it when running in CI (:func:`in_ci`): missing schemas there are a broken
+    pipeline, not a reason to pass."""
     import pytest
 
     for kind in kinds or ("RayCluster", "RayJob"):
         reason = _missing_reason(kind)
         if reason:
+            if in_ci():
+                pytest.fail(f"CI=true and {reason}", pytrace=False)
             pytest.skip(reason)
 
 

@@ -1,7 +1,9 @@
 """The manifests in k8s/ and the Dockerfile: strict schema validation and house rules.
 
 Schemas: core kinds from kubernetes-validate's bundled ones, KubeRay kinds from the CRDs in
-$MASKCLIP_KUBERAY_SCHEMAS (default ../shared/schemas/kuberay); tests needing them skip otherwise.
+$MASKCLIP_KUBERAY_SCHEMAS (default ../shared/schemas/kuberay); tests needing them skip otherwise,
+and fail under CI=true. Auth, network policies, the restricted profile and service accounts:
+test_security.py.
 """
 
 from __future__ import annotations
@@ -55,7 +57,14 @@ def _dockerfile_arg(name: str) -> str:
 
 def test_k8s_dir_has_manifests():
     kinds = {d["kind"] for _, _, d in DOCS}
-    assert {"Namespace", "ServiceAccount", "Deployment", "Service", "RayCluster"} <= kinds
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "Deployment",
+        "Service",
+        "RayCluster",
+        "NetworkPolicy",
+    } <= kinds
 
 
 @pytest.mark.parametrize("path,index,doc", DOCS, ids=DOC_IDS)
@@ -121,7 +130,8 @@ CORE_BREAKAGES = {
     ),
     "service port wrong type": ("Service", "mlflow", "spec.ports.0.port", "five-thousand"),
     "service spec typo": ("Service", "mlflow", "spec.clusterIp", "None"),
-    "service account typo": ("ServiceAccount", "maskclip-runner", "automountToken", True),
+    "service account typo": ("ServiceAccount", "maskclip-ray-head", "automountToken", True),
+    "network policy typo": ("NetworkPolicy", "default-deny-all", "spec.policyType", ["Ingress"]),
 }
 
 
@@ -130,6 +140,25 @@ def test_broken_core_manifest_is_rejected(kind, name, path, value):
     good = _one(kind, name)
     assert validate_manifest(good) == []
     assert validate_manifest(_set(good, path, value)), f"accepted {kind} with {path}={value!r}"
+
+
+def test_missing_schemas_fail_in_ci_and_skip_elsewhere(tmp_path, monkeypatch):
+    """A pipeline that lost the CRD schemas must not report the KubeRay manifests as valid."""
+    try:
+        from tests.k8s.k8s_validation import require_kuberay_schemas
+    except ImportError:
+        from k8s_validation import require_kuberay_schemas
+
+    monkeypatch.setenv("MASKCLIP_KUBERAY_SCHEMAS", str(tmp_path))  # an empty directory
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true and KubeRay CRD schema not found"):
+        require_kuberay_schemas("RayJob")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="KubeRay CRD schema not found"):
+        require_kuberay_schemas("RayJob")
+    monkeypatch.delenv("MASKCLIP_KUBERAY_SCHEMAS")
+    monkeypatch.setenv("CI", "true")
+    require_kuberay_schemas("RayCluster", "RayJob")  # present: neither skips nor fails
 
 
 def test_broken_rayjob_is_rejected(kuberay_schemas):
@@ -183,7 +212,7 @@ def test_pods_run_as_non_root(path, index, doc):
         pod_sc = pod.get("securityContext") or {}
         assert pod_sc.get("runAsNonRoot") is True, f"{path.name} {where}: runAsNonRoot"
         assert pod_sc.get("runAsUser", 0) != 0, f"{path.name} {where}: runAsUser"
-        assert pod.get("serviceAccountName") == "maskclip-runner", f"{path.name} {where}"
+        assert pod.get("serviceAccountName", "default") != "default", f"{path.name} {where}"
         for c in (pod.get("initContainers") or []) + pod.get("containers", []):
             sc = c.get("securityContext") or {}
             assert sc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
