@@ -50,6 +50,11 @@ class FormatError(ValueError):
     """A folder that is not a complete checkpoint of this format (one line, names the folder)."""
 
 
+class IncompleteError(FormatError):
+    """A file meta.json lists is missing or differs from it: a torn write (e.g. a crash while
+    the folder was being copied to storage), not a foreign or corrupt checkpoint."""
+
+
 # ---------------------------------------------------------------- model config
 
 
@@ -238,9 +243,9 @@ def read_meta(directory: str | os.PathLike, *, verify: bool = True) -> dict[str,
         for name, want in (meta.get("files") or {}).items():
             f = d / name
             if not f.is_file():
-                raise FormatError(f"{d}: incomplete checkpoint: {name} is missing")
+                raise IncompleteError(f"{d}: incomplete checkpoint: {name} is missing")
             if f.stat().st_size != want["size"] or _sha256(f) != want["sha256"]:
-                raise FormatError(f"{d}: incomplete checkpoint: {name} does not match {META}")
+                raise IncompleteError(f"{d}: incomplete checkpoint: {name} does not match {META}")
     return meta
 
 

@@ -10,6 +10,7 @@ minus the training state is the MLflow model artifact and what `maskclip eval` r
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ from maskclip import checkpoint as fmt
 from .errors import CheckpointError
 
 META = fmt.META
+
+
+class TornCheckpoint(CheckpointError):
+    """A checkpoint whose files do not match its meta.json (an interrupted copy to storage)."""
+
+
 SPEC_FILE = "job.yaml"
 
 
@@ -71,9 +78,18 @@ def load_model(directory: str | Path):
         raise CheckpointError(str(e)) from None
 
 
-def find_latest(storage_path: str, run_name: str, filesystem=None) -> tuple[str, dict] | None:
-    """The newest complete checkpoint (has meta.json) of a run under Ray's storage layout
-    `<storage_path>/<run_name>/checkpoint_*`; local or any pyarrow filesystem."""
+def find_latest(
+    storage_path: str, run_name: str, filesystem=None, *, verify: bool = True
+) -> tuple[str, dict] | None:
+    """The newest sound checkpoint of a run under Ray's storage layout
+    `<storage_path>/<run_name>/checkpoint_*`; local or any pyarrow filesystem.
+
+    A folder without meta.json is an interrupted write and is skipped silently. With `verify`
+    (the default), a folder whose files do not match its meta.json (a crash mid-upload: Ray
+    copies the files concurrently, so "meta.json last" does not hold on storage) is skipped
+    with one warning line and the previous checkpoint is used. A checkpoint of the first
+    format (pickles) is an error: it is never loaded, and silently starting over would hide it.
+    """
     import pyarrow.fs as pafs
 
     fs = filesystem or pafs.LocalFileSystem()
@@ -82,24 +98,33 @@ def find_latest(storage_path: str, run_name: str, filesystem=None) -> tuple[str,
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
     except OSError:
         return None
-    best = None
+    found = []
     for info in infos:
         if info.type != pafs.FileType.Directory or "checkpoint" not in info.base_name:
             continue
         try:
             with fs.open_input_stream(f"{info.path}/{META}") as f:
                 meta = json.loads(f.read().decode("utf-8"))
-        except (OSError, ValueError):
+            step = int(meta["step"])
+        except (OSError, ValueError, KeyError, TypeError):
             continue  # interrupted write: never picked
-        if best is None or meta["step"] > best[1]["step"]:
-            best = (info.path, meta)
-    if best is not None and best[1].get("format") != fmt.FORMAT:
-        raise CheckpointError(
-            f"{best[0]}: checkpoint format {best[1].get('format')!r} is not supported (the first "
-            "format stored pickles, which are never loaded since a pickle can run code); start "
-            "a new run name or move the old checkpoints away"
-        )
-    return best
+        found.append((step, info.path, meta))
+    for _, path, meta in sorted(found, key=lambda t: t[0], reverse=True):
+        if meta.get("format") != fmt.FORMAT:
+            raise CheckpointError(
+                f"{path}: checkpoint format {meta.get('format')!r} is not supported (the first "
+                "format stored pickles, which are never loaded since a pickle can run code); "
+                "start a new run name or move the old checkpoints away"
+            )
+        if not verify:
+            return path, meta
+        try:
+            check(path, fs)
+        except TornCheckpoint as e:
+            print(f"warning: skipping a torn checkpoint: {e}", file=sys.stderr, flush=True)
+            continue
+        return path, meta
+    return None
 
 
 def check(path: str, filesystem=None) -> dict[str, Any]:
@@ -110,7 +135,8 @@ def check(path: str, filesystem=None) -> dict[str, Any]:
         try:
             return fmt.check(d)
         except fmt.FormatError as e:
-            raise CheckpointError(str(e).replace(str(d), path, 1)) from None
+            kind = TornCheckpoint if isinstance(e, fmt.IncompleteError) else CheckpointError
+            raise kind(str(e).replace(str(d), path, 1)) from None
 
 
 def read_text(path: str, name: str, filesystem=None) -> str:

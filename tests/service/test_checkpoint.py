@@ -214,3 +214,54 @@ def test_a_planted_pickle_is_never_run_by_resume_or_eval(tmp_path, synth_parquet
             err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
             assert len(err) == 1 and err[0].startswith("error: ") and str(d) in err[0], (argv, err)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path, capsys, request, where, damage
+):
+    """Ray copies a checkpoint folder to storage with concurrent uploads, so a crash can leave
+    meta.json beside a partial weights file: resume then takes the previous checkpoint, with
+    one warning line naming the torn one."""
+    import pyarrow.fs as pafs
+
+    from service.storage import s3_filesystem
+
+    spec, tok, task, opt, sched = make(tmp_path)
+    local = tmp_path / "storage"
+    for step in (2, 4):
+        ckpt.save(
+            local / "run" / f"checkpoint_{step:06d}",
+            task,
+            opt,
+            sched,
+            step,
+            0,
+            tok.to_json(),
+            spec.to_yaml(),
+            None,
+        )
+    newest = local / "run" / "checkpoint_000004" / "model.safetensors"
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[:100])
+    else:
+        newest.unlink()
+    fs, root = None, str(local)
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        fs = s3_filesystem(endpoint_url=request.getfixturevalue("s3_server"))
+        pafs.copy_files(
+            str(local),
+            f"{bucket}/ckpts",
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
+        root = f"{bucket}/ckpts"
+    capsys.readouterr()
+    path, meta = ckpt.find_latest(root, "run", fs)
+    assert meta["step"] == 2 and path.endswith("checkpoint_000002")
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    what = "does not match meta.json" if damage == "truncate" else "is missing"
+    assert len(err) == 1 and err[0].startswith("warning: skipping a torn checkpoint: ")
+    assert f"checkpoint_000004: incomplete checkpoint: model.safetensors {what}" in err[0]
