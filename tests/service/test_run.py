@@ -44,11 +44,8 @@ def summary(out: str) -> dict[str, str]:
 
 
 def test_local_run_then_resume_continues_steps_and_mlflow_run(
-    ray_local, synth_parquet, mlflow_server, tmp_path, capsys, monkeypatch
+    ray_local, synth_parquet, mlflow_server, tmp_path, capsys
 ):
-    secret = "sekr1t-Value-9f3e"  # a credential in the environment must never be logged
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
     job = write_job(
         tmp_path,
         data={"train": synth_parquet, "val": synth_parquet},
@@ -99,12 +96,105 @@ def test_local_run_then_resume_continues_steps_and_mlflow_run(
     exp = client.get_experiment_by_name("test-run")
     assert len(client.search_runs([exp.experiment_id])) == 1
 
-    run = client.get_run(first["mlflow run"])
-    logged = [*run.data.params.values(), *run.data.tags.values()]
-    spec_file = client.download_artifacts(run.info.run_id, "spec/job.yaml", str(tmp_path))
-    logged.append(Path(spec_file).read_text())
-    logged.append(capsys.readouterr().out)
-    assert not any(secret in text for text in logged)
+
+ENV_SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "aws-Sekr1t-4f9c0b",
+    "MLFLOW_TRACKING_USERNAME": "mlflow-User-c3d2aa",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-Pass-81e0cd",
+    "MLFLOW_TRACKING_TOKEN": "mlflow-Tok-5a1b9e",
+    "RAY_AUTH_TOKEN": "ray-Tok-9d0e7f",
+}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_environment_secrets_never_leave_it(
+    ray_local, synth_parquet, mlflow_server, tmp_path, capfd, monkeypatch
+):
+    """Secrets planted in the environment (AWS, MLflow basic auth and token, a Ray token) are
+    nowhere a run or `render` writes: stdout and stderr (file-descriptor level, read once after
+    both commands), every MLflow param, tag, metric name and artifact file of the run, every
+    file under the output dir (job.yaml, tokenizer.json, the checkpoint's meta.json, ...) and the
+    rendered manifests. Each place is first shown to hold what it should (not vacuous)."""
+    for name, value in ENV_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    job = write_job(
+        tmp_path,
+        run={"name": "secrets", "tags": {"team": "vision"}},
+        data={"train": synth_parquet, "val": synth_parquet},
+        optim={"max_steps": 2, "log_every": 1},
+        checkpoint={"every_steps": 2},
+        tracking={"tracking_uri": mlflow_server, "experiment": "test-secrets"},
+    )
+    assert main(["run", job]) == 0
+    assert main(["render", job, "--set", "data.train=s3://b/train", "--set", "data.val=null"]) == 0
+    out, err = capfd.readouterr()  # everything both commands (and Ray's forwarding) printed
+
+    places: dict[str, bytes] = {"stdout": out.encode(), "stderr": err.encode()}
+    assert "kind: RayJob" in out and "kind: ConfigMap" in out  # the manifests are in stdout
+    ran = summary(out)
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(ran["mlflow run"])
+    assert run.data.params["optim.max_steps"] == "2" and run.data.tags["team"] == "vision"
+    for kind, values in (("param", run.data.params), ("tag", run.data.tags)):
+        for key, value in values.items():
+            places[f"mlflow {kind} {key}"] = f"{key}={value}".encode()
+    places["mlflow metric names"] = " ".join(run.data.metrics).encode()
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "art")))
+    for name, blob in _files(artifacts).items():
+        places[f"mlflow artifact {name}"] = blob
+    assert {"spec/job.yaml", "model/job.yaml", "model/meta.json"} <= {
+        name.removeprefix("mlflow artifact ") for name in places
+    }
+    written = _files(tmp_path / "runs")
+    meta = next(n for n in written if n.endswith("meta.json") and "checkpoint" in n)
+    assert json.loads(written[meta])["step"] == 2 and "secrets/job.yaml" in written
+    places.update({f"file runs/{name}": blob for name, blob in written.items()})
+
+    leaks = [
+        f"{env} in {where}"
+        for where, blob in places.items()
+        for env, value in ENV_SECRETS.items()
+        if value.encode() in blob
+    ]
+    assert leaks == []
+
+
+@pytest.mark.timeout(120)  # the failure this guards against is a run that waits forever
+@pytest.mark.parametrize("scaling", ["cpus", "gpus"])
+def test_a_request_larger_than_the_local_cluster_exits_2_at_once(
+    ray_local, synth_parquet, tmp_path, capsys, scaling
+):
+    """More CPUs / GPUs than the local Ray cluster has (2 CPUs in ray_local): Ray would queue the
+    workers forever; check_fits refuses at once with one line giving the sizes, exit 2."""
+    import time
+
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if scaling == "cpus":
+        wanted = {"num_workers": 4, "cpus_per_worker": 0.5}
+        message = (
+            "error: scaling: 4 workers x 0.5 CPU (+0.5 for data) do not fit the 2 CPUs of this "
+            "Ray cluster; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    else:
+        wanted = {"num_workers": 1, "use_gpu": True, "gpus_per_worker": gpus + 1}
+        message = (
+            f"error: scaling: 1 workers x {float(gpus + 1)} GPU requested but this Ray cluster "
+            f"has {gpus:g} GPUs; set scaling.use_gpu=false or fewer workers"
+        )
+    job = write_job(
+        tmp_path, data={"train": synth_parquet}, scaling=wanted, tracking={"enabled": False}
+    )
+    t0 = time.monotonic()
+    assert main(["run", job]) == 2
+    seconds = time.monotonic() - t0
+    ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert ours == [message]
+    assert seconds < 30, seconds
 
 
 def test_s3_data_and_checkpoints(ray_local, s3_server, s3_bucket, synth_parquet, tmp_path, capsys):
