@@ -283,3 +283,23 @@ def test_oversized_and_deep_specs_are_refused(tmp_path, capsys):
     deep.write_text(f"data: {{train: {tmp_path}}}\nsweep: {{x: {'[' * 100}1{']' * 100}}}\n")
     assert main(["validate", str(deep)]) == 2
     assert capsys.readouterr().err.strip() == "error: (spec): nested deeper than 64 levels"
+
+
+@pytest.mark.parametrize(
+    "command", [["render"], ["submit", "--address", "http://127.0.0.1:9"]], ids=["render", "submit"]
+)
+def test_render_and_submit_refuse_credentials_before_anything(tmp_path, capsys, command):
+    """`render` and `submit` load the spec through the same checks: the refusal comes before
+    any manifest is printed or any address is contacted (port 9 has no Jobs API)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"data: {{train: {tmp_path}}}\nrun: {{tags: {{a: 'https://u:{PASSWORD}@h'}}}}\n"
+    )
+    argv = [command[0], str(path), "--set", f"tracking.tracking_uri=https://{PASSWORD}@h"]
+    assert main([*argv, *command[1:]]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and PASSWORD not in err
+    assert [ln.split(":")[1] for ln in err.strip().splitlines()] == [
+        " run.tags.a",
+        " tracking.tracking_uri",
+    ]
