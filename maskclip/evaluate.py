@@ -1,15 +1,17 @@
 """Evaluation on features: zero-shot classification, retrieval recall@K, linear probe.
 
-Everything takes plain tensors (or arrays) of features; nothing here runs a data loader.
+Everything but `encode_features` takes plain tensors (or arrays) of features; nothing here reads
+data (the service's evaluation does, and feeds batches to `encode_features`).
 
-    clf = zero_shot_classifier(model.encode_text, tok, class_names(), prompt_templates())
+    feats = encode_features(model, [{"image": x, "tokens": t}, ...])   # {"image": [N, D], ...}
+    clf = zero_shot_classifier(model.encode_text, tok, class_names(), templates("shapes"))
     zero_shot_accuracy(image_features, clf, labels)     # {"top1": ..., "top5": ...}
     retrieval_recall(image_features, text_features)     # {"image_to_text_R@1": ..., ...}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +25,25 @@ class _Encodes(Protocol):
 
 def _tensor(x) -> torch.Tensor:
     return x.detach().float().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x).float()
+
+
+@torch.no_grad()
+def encode_features(
+    model, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str | None = None
+) -> dict[str, torch.Tensor | None]:
+    """Encode batches of {"image": [B, 3, H, W]} and/or {"tokens": [B, L]} with the model's
+    `encode_image` / `encode_text` -> {"image": [N, D] | None, "text": [N, D] | None}, float32
+    on the CPU, in batch order (None where no batch had that key). Gradients off; the caller
+    puts the model in eval mode."""
+    out: dict[str, list[torch.Tensor]] = {"image": [], "text": []}
+    for batch in batches:
+        if "image" in batch:
+            x = batch["image"] if device is None else batch["image"].to(device)
+            out["image"].append(model.encode_image(x).float().cpu())
+        if "tokens" in batch:
+            t = batch["tokens"] if device is None else batch["tokens"].to(device)
+            out["text"].append(model.encode_text(t).float().cpu())
+    return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
 @torch.no_grad()

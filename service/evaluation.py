@@ -1,6 +1,10 @@
-"""Evaluate a trained checkpoint: zero-shot, retrieval and linear probe on Parquet datasets.
+"""The one evaluation path: zero-shot, retrieval and linear probe on Parquet datasets.
 
-No Ray: Parquet is read with pyarrow in bounded batches, images are decoded with
+`evaluate_model(model, tokenizer, ...)` is called by in-loop validation (`validate`, on the live
+student, metrics prefixed `val_`) and by `maskclip eval` (`evaluate`, after loading a checkpoint;
+`eval_` in MLflow): the same rows (service.rows), caption grouping, row cap (MAX_ROWS) and
+prompt templates (maskclip.templates, from the spec's `data.templates`) give the same numbers.
+No Ray: Parquet is read with pyarrow (service.storage) in bounded batches, images go through
 `maskclip.transforms.eval_transform`, the student encodes them on the GPU when there is one.
 
     result = evaluate("runs/checkpoints/quickstart", zero_shot="data/shapes/val",
@@ -35,15 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
-from .errors import UserError
+from .errors import DataError, UserError
 
-RETRIEVAL_ROWS = 5000
-"""Default cap on retrieval pairs (the similarity matrix is N x N)."""
 EVALUATED_CHECKPOINT_TAG = "maskclip.evaluated_checkpoint"
 MODEL_FILES = ("student.pt", "tokenizer.json", "job.yaml")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -329,16 +329,48 @@ def load(resolved: Resolved) -> Loaded:
         ) from None
 
 
-# ---------------------------------------------------------------- data and features
+# ---------------------------------------------------------------- the one evaluation path
+
+MAX_ROWS = 5000
+"""Default cap on every split's rows, for in-loop validation and `maskclip eval` alike: the first
+5,000 usable rows (retrieval compares N images with up to N distinct captions)."""
+BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the data is in the Parquet rows, and the row rules' limits (`data.*` of a spec)."""
+
+    image: str = "jpg"
+    caption: str = "caption"
+    label: str = "label"
+    max_caption_chars: int | None = 1000
+    max_image_pixels: int = 64_000_000
+
+    @classmethod
+    def of(cls, data, label_column: str | None = None) -> Columns:
+        """From a spec's DataSection (None: the defaults); `label_column` overrides its own."""
+        if data is None:
+            return cls(label=label_column) if label_column else cls()
+        return cls(
+            data.image_column,
+            data.caption_column,
+            label_column or data.label_column,
+            data.max_caption_chars,
+            data.max_image_pixels,
+        )
 
 
 @dataclass
 class Features:
+    """The usable rows of one source, encoded: image features, plus captions' text features
+    and/or labels when asked for; `skipped` counts the bad rows by reason (service.rows)."""
+
     images: torch.Tensor  # [N, D] normalised
-    texts: torch.Tensor | None  # [N, D] normalised (captions), when asked for
-    labels: list[str] | None
-    bad: int = 0
-    captions: list[str] | None = None  # when texts were asked for
+    texts: torch.Tensor | None = None  # [N, D] normalised
+    captions: list[str] | None = None
+    labels: list[str] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def caption_ids(self) -> list[int]:
         """Equal ids for identical caption strings (several true matches in retrieval)."""
@@ -346,151 +378,112 @@ class Features:
         return [index.setdefault(c, len(index)) for c in self.captions or []]
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate_model` measured: metrics (unprefixed), rows used per evaluation, bad rows
+    skipped per source, and the zero-shot details (class names, templates, confusion matrix)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    zero_shot: dict | None = None
+
+
 def _join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-@torch.no_grad()
-def encode_parquet(
+def _source(data, field: str, storage, endpoint_url: str | None):
+    from .storage import Source, resolve_source
+
+    if isinstance(data, Source):
+        return data
+    return resolve_source(str(data), storage, field, endpoint_url=endpoint_url)
+
+
+def encode_source(
     model,
     tokenizer,
-    uri: str,
+    source,
     *,
+    columns: Columns,
+    captions: bool,
+    labels: bool,
+    max_rows: int | None,
+    batch_size: int,
     device: torch.device,
-    need_text: bool = False,
-    need_labels: bool = False,
-    max_rows: int | None = None,
-    batch_size: int = 256,
-    endpoint_url: str | None = None,
-    field: str = "data",
-    image_column: str = "jpg",
-    caption_column: str = "caption",
-    label_column: str = "label",
 ) -> Features:
-    """Encode the first `max_rows` usable rows of Parquet shards; unusable rows are skipped."""
-    from maskclip.transforms import ImageDecodeError, decode_image, eval_transform
+    """Encode the first `max_rows` usable rows of a `service.storage.Source`, in file order.
+    A row is usable when every column asked for passes `service.rows` (a null label is a bad
+    row, never a class named ""); bad rows are skipped and counted by reason."""
+    from maskclip.evaluate import encode_features
+    from maskclip.transforms import eval_transform
 
-    from .data import resolve_source
-    from .spec import StorageSection
+    from .rows import clean_row
 
-    paths, fs = resolve_source(uri, StorageSection(endpoint_url=endpoint_url), field)
     transform = eval_transform(model.cfg.vision.image_size)
-    columns = [image_column]
-    if need_text:
-        columns.append(caption_column)
-    if need_labels:
-        columns.append(label_column)
-    img_out: list[torch.Tensor] = []
-    txt_out: list[torch.Tensor] = []
-    captions: list[str] = []
-    labels: list[str] = []
-    pending_img: list[torch.Tensor] = []
-    pending_txt: list[str] = []
-    n = bad = 0
+    names = [columns.image]
+    names += [columns.caption] if captions else []
+    names += [columns.label] if labels else []
+    source.require(names)
+    kept_captions: list[str] = []
+    kept_labels: list[str] = []
+    skipped: dict[str, int] = {}
 
-    def flush() -> None:
-        if not pending_img:
-            return
-        x = torch.stack(pending_img).to(device)
-        img_out.append(model.encode_image(x).float().cpu())
-        if need_text:
-            tokens = tokenizer.encode(pending_txt).to(device)
-            txt_out.append(model.encode_text(tokens).float().cpu())
-        pending_img.clear()
-        pending_txt.clear()
-
-    for path in paths:
-        if max_rows is not None and n >= max_rows:
-            break
-        where = f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
-        try:
-            pf = pq.ParquetFile(path, filesystem=fs)
-            names = pf.schema_arrow.names
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise UserError(
-                    f"{field}: column {missing[0]!r} not found in {where} "
-                    f"(columns: {', '.join(names)})"
+    def image_batches():
+        pending: list[torch.Tensor] = []
+        n = 0
+        for rb in source.iter_batches(names, batch_size):
+            cols = {c: rb.column(c).to_pylist() for c in names}
+            for i in range(rb.num_rows):
+                row, why = clean_row(
+                    cols[columns.image][i],
+                    cols[columns.caption][i] if captions else None,
+                    cols[columns.label][i] if labels else None,
+                    max_pixels=columns.max_image_pixels,
+                    max_caption_chars=columns.max_caption_chars,
+                    transform=transform,
+                    need_caption=captions,
+                    need_label=labels,
                 )
-            batches = pf.iter_batches(batch_size=batch_size, columns=columns)
-            for rb in batches:
-                cols = {c: rb.column(c).to_pylist() for c in columns}
-                for i in range(rb.num_rows):
-                    if max_rows is not None and n >= max_rows:
-                        break
-                    caption = cols[caption_column][i] if need_text else None
-                    label = cols[label_column][i] if need_labels else None
-                    if (need_text and not caption) or (need_labels and label is None):
-                        bad += 1
-                        continue
-                    try:
-                        img = transform(decode_image(cols[image_column][i]))
-                    except (ImageDecodeError, TypeError, ValueError):
-                        bad += 1
-                        continue
-                    pending_img.append(img)
-                    if need_text:
-                        pending_txt.append(str(caption))
-                        captions.append(str(caption))
-                    if need_labels:
-                        labels.append(str(label))
-                    n += 1
-                    if len(pending_img) >= batch_size:
-                        flush()
-        except UserError:
-            raise
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(f"{field}: cannot read {where}: {_first_line(e)}") from None
-    flush()
-    if n == 0:
-        raise UserError(f"{field}: no usable rows in {uri} ({bad} skipped)")
-    if bad:
-        _warn(f"{field}: skipped {bad} unusable row(s) in {uri}")
+                if why is not None:
+                    skipped[why] = skipped.get(why, 0) + 1
+                    continue
+                pending.append(row.image)
+                if captions:
+                    kept_captions.append(row.caption)
+                if labels:
+                    kept_labels.append(row.label)
+                n += 1
+                if len(pending) == batch_size or n == max_rows:
+                    yield {"image": torch.stack(pending)}
+                    pending = []
+                if n == max_rows:
+                    return
+        if pending:
+            yield {"image": torch.stack(pending)}
+
+    images = encode_features(model, image_batches(), device)["image"]
+    if images is None:
+        bad = sum(skipped.values())
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no rows"
+        raise DataError(f"{source.field}: no usable rows in {source.uri} ({bad} skipped: {why})")
+    if skipped:
+        _warn(f"{source.field}: skipped {sum(skipped.values())} unusable row(s) in {source.uri}")
+    texts = None
+    if captions:
+        chunks = (
+            {"tokens": tokenizer.encode(kept_captions[i : i + batch_size])}
+            for i in range(0, len(kept_captions), batch_size)
+        )
+        texts = encode_features(model, chunks, device)["text"]
     return Features(
-        torch.cat(img_out),
-        torch.cat(txt_out) if need_text else None,
-        labels if need_labels else None,
-        bad,
-        captions if need_text else None,
+        images,
+        texts,
+        kept_captions if captions else None,
+        kept_labels if labels else None,
+        skipped,
     )
-
-
-def read_templates(path: str | None) -> list[str]:
-    """Prompt templates: maskclip.synthetic.prompt_templates(), or a file with one template per
-    line, each with one `{}` for the class name (blank lines and # comments skipped)."""
-    if path is None:
-        from maskclip.synthetic import prompt_templates
-
-        return prompt_templates()
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--templates {path}: no such file")
-    out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        t = line.strip()
-        if not t or t.startswith("#"):
-            continue
-        try:
-            ok = t.count("{}") == 1 and t.format("x") != t
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise UserError(
-                f"--templates {path} line {i}: needs exactly one {{}} placeholder (got {t!r})"
-            )
-        out.append(t)
-    if not out:
-        raise UserError(f"--templates {path}: no templates in the file")
-    return out
-
-
-# ---------------------------------------------------------------- the evaluations
-
-
-def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _zero_shot(model, tok, feats: Features, templates: list[str], device) -> dict:
@@ -500,7 +493,7 @@ def _zero_shot(model, tok, feats: Features, templates: list[str], device) -> dic
     index = {c: i for i, c in enumerate(names)}
     y = torch.tensor([index[c] for c in feats.labels], dtype=torch.long)
     clf = zero_shot_classifier(
-        lambda t: model.encode_text(t.to(device)).float().cpu(), tok, names, templates
+        lambda t: model.encode_text(t).float().cpu(), tok, names, templates, device
     )
     acc = zero_shot_accuracy(feats.images, clf, y)
     pred = (feats.images @ clf.T).argmax(dim=1)
@@ -508,7 +501,9 @@ def _zero_shot(model, tok, feats: Features, templates: list[str], device) -> dic
     return {
         "metrics": {f"zero_shot_{k}": v for k, v in acc.items()},
         "class_names": names,
+        "templates": templates,
         "confusion_matrix": cm.tolist(),
+        "predicted": cm.sum(axis=0).tolist(),  # how often each class was predicted
     }
 
 
@@ -517,7 +512,7 @@ def _linear_probe(train: Features, test: Features) -> float:
 
     names = sorted(set(train.labels or []) | set(test.labels or []))
     if len(set(train.labels or [])) < 2:
-        raise UserError("linear probe: the train split needs at least two classes")
+        raise DataError("linear probe: the train split needs at least two classes")
     index = {c: i for i, c in enumerate(names)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning on tiny/odd sets
@@ -530,43 +525,214 @@ def _linear_probe(train: Features, test: Features) -> float:
     return out["top1"]
 
 
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    zero_shot=None,
+    retrieval=None,
+    linear_probe: str | None = None,
+    templates: str | list[str] = "default",
+    max_rows: int | None = MAX_ROWS,
+    probe_rows: int | None = None,
+    batch_size: int = BATCH_SIZE,
+    device: torch.device | str | None = None,
+    columns: Columns | None = None,
+    storage=None,
+    endpoint_url: str | None = None,
+) -> Evaluation:
+    """The one evaluation: `maskclip eval` and in-loop validation both call this.
+
+    zero_shot: labelled data (a URI or a resolved `service.storage.Source`): top-1/top-5 over
+    its own class names with `templates` (a set name of `maskclip.templates` or a list).
+    retrieval: image<->caption R@1/5/10, identical caption strings counted as one candidate.
+    When both name the same source it is read once and both use the same rows (image, caption
+    and label all usable). linear_probe: a root with train/ and test/ (labelled): test top-1 of
+    a logistic regression on train features (train capped at `probe_rows`, default `max_rows`).
+    `max_rows` caps every split (default MAX_ROWS; None: all rows). The model is evaluated in
+    eval mode, on `device` (default: where it is), and put back in the mode it was in.
+    """
+    if not (zero_shot or retrieval or linear_probe):
+        raise UserError("nothing to evaluate: give zero_shot, retrieval and/or linear_probe data")
+    if batch_size < 1 or (max_rows is not None and max_rows < 1):
+        raise UserError("batch_size and max_rows must be positive")
+    from maskclip.templates import templates as template_list
+
+    try:
+        prompts = template_list(templates)
+    except ValueError as e:
+        raise UserError(f"templates: {e}") from None
+    columns = columns or Columns()
+    dev = torch.device(device) if device is not None else _model_device(model)
+
+    def src(data, field):
+        return _source(data, field, storage, endpoint_url)
+
+    def encode(source, *, captions=False, labels=False, cap=max_rows):
+        feats = encode_source(
+            model,
+            tokenizer,
+            source,
+            columns=columns,
+            captions=captions,
+            labels=labels,
+            max_rows=cap,
+            batch_size=batch_size,
+            device=dev,
+        )
+        if feats.skipped:
+            out.skipped[source.field] = feats.skipped
+        return feats
+
+    out = Evaluation()
+    was_training = model.training
+    model.eval()
+    try:
+        zs_src = src(zero_shot, "zero-shot") if zero_shot else None
+        same = isinstance(retrieval, str) and retrieval.rstrip("/") == str(zero_shot).rstrip("/")
+        rt_src = zs_src if same or retrieval is zero_shot else None
+        if retrieval and rt_src is None:
+            rt_src = src(retrieval, "retrieval")
+        shared = None
+        if zs_src is not None and rt_src is zs_src:  # one source: read once, the same rows
+            shared = encode(zs_src, captions=True, labels=True)
+        if zs_src is not None:
+            feats = shared or encode(zs_src, labels=True)
+            zs = _zero_shot(model, tokenizer, feats, prompts, dev)
+            out.metrics.update(zs.pop("metrics"))
+            out.rows["zero_shot"] = len(feats.labels)
+            out.zero_shot = zs
+        if rt_src is not None:
+            from maskclip.evaluate import retrieval_recall
+
+            feats = shared or encode(rt_src, captions=True)
+            out.metrics.update(
+                retrieval_recall(feats.images, feats.texts, caption_ids=feats.caption_ids())
+            )
+            out.rows["retrieval"] = feats.images.shape[0]
+        if linear_probe:
+            train = encode(
+                src(_join(linear_probe, "train"), "linear-probe train"),
+                labels=True,
+                cap=probe_rows or max_rows,
+            )
+            test = encode(src(_join(linear_probe, "test"), "linear-probe test"), labels=True)
+            out.metrics["linear_probe_top1"] = _linear_probe(train, test)
+            out.rows["linear_probe_train"] = len(train.labels)
+            out.rows["linear_probe_test"] = len(test.labels)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
+    """In-loop validation on `data.val` (read with pyarrow, not Ray Data): zero-shot when it has
+    the label column, and retrieval, with the spec's templates and columns. The same call as
+    `maskclip eval CKPT --zero-shot VAL --retrieval VAL` on the saved model. Metrics are prefixed
+    `val_`; {} without data.val."""
+    if spec.data.val is None:
+        return {}
+    source = _source(spec.data.val, "data.val", spec.storage, None)
+    has_labels = spec.data.label_column in source.columns
+    result = evaluate_model(
+        model,
+        tokenizer,
+        zero_shot=source if has_labels else None,
+        retrieval=source,
+        templates=spec.data.templates,
+        device=device,
+        columns=Columns.of(spec.data),
+        storage=spec.storage,
+    )
+    return {f"val_{k}": v for k, v in result.metrics.items()}
+
+
+def read_templates(value: str | list[str] | None) -> str | list[str] | None:
+    """--templates: a set name of `maskclip.templates`, or a file with one template per line
+    (each with one `{}` for the class name; blank lines and # comments skipped). None stays
+    None (the checkpoint's `data.templates`, else "default")."""
+    from maskclip.templates import TEMPLATE_SETS, check_template
+
+    if value is None or isinstance(value, list) or value in TEMPLATE_SETS:
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise UserError(
+            f"--templates {value}: neither a file nor a template set ({', '.join(TEMPLATE_SETS)})"
+        )
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        t = line.strip()
+        if not t or t.startswith("#"):
+            continue
+        why = check_template(t)
+        if why:
+            raise UserError(f"--templates {value} line {i}: {why} (got {t!r})")
+        out.append(t)
+    if not out:
+        raise UserError(f"--templates {value}: no templates in the file")
+    return out
+
+
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def evaluate(
     ref: str,
     zero_shot: str | None = None,
     retrieval: str | None = None,
     linear_probe: str | None = None,
     templates: str | list[str] | None = None,
-    batch_size: int = 256,
-    max_rows: int | None = None,
+    batch_size: int = BATCH_SIZE,
+    max_rows: int | None = MAX_ROWS,
     *,
     probe_rows: int | None = None,
     endpoint_url: str | None = None,
     tracking_uri: str | None = None,
     log_mlflow: bool = True,
     device: str | None = None,
+    label_column: str | None = None,
 ) -> dict:
-    """Evaluate the checkpoint `ref` (see `resolve_checkpoint`) and return
+    """Evaluate the checkpoint `ref` (see `resolve_checkpoint`) with `evaluate_model` and return
     {"checkpoint": {...}, "metrics": {...}, "rows": {...}, "zero_shot": {...}, "mlflow": {...}}.
 
-    zero_shot: Parquet data with a label column: top-1/top-5 over its class names, confusion
-    matrix. retrieval: image<->caption R@1/5/10 on the first max_rows pairs (default 5000).
-    linear_probe: a root with train/ and test/ splits (both labelled): test top-1 of a logistic
-    regression on train features (train capped at `probe_rows`, test at `max_rows`).
-    `max_rows` caps every split (default: all rows; retrieval 5000).
+    Columns, row limits and (unless `templates` is given: a set name, a file or a list) the
+    prompt templates come from the checkpoint's own spec (`data.*`), as in its in-loop
+    validation; without one, the defaults. `label_column` overrides the spec's.
     """
     if not (zero_shot or retrieval or linear_probe):
         raise UserError("nothing to evaluate: give zero_shot, retrieval and/or linear_probe data")
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise UserError("batch_size and max_rows must be positive")
-    prompt_list = list(templates) if isinstance(templates, list) else read_templates(templates)
+    prompts = read_templates(templates)
     resolved = _resolve(ref, endpoint_url, tracking_uri)
     loaded = load(resolved)
+    data = loaded.spec.data if loaded.spec is not None else None
+    if prompts is None:
+        prompts = data.templates if data is not None else "default"
     dev = _device(device)
     model = loaded.model.to(dev).eval()
-    tok = loaded.tokenizer
-    common = dict(device=dev, batch_size=batch_size, endpoint_url=endpoint_url)
-    metrics: dict[str, float] = {}
-    rows: dict[str, int] = {}
+    ev = evaluate_model(
+        model,
+        loaded.tokenizer,
+        zero_shot=zero_shot,
+        retrieval=retrieval,
+        linear_probe=linear_probe,
+        templates=prompts,
+        max_rows=max_rows,
+        probe_rows=probe_rows,
+        batch_size=batch_size,
+        device=dev,
+        columns=Columns.of(data, label_column),
+        endpoint_url=endpoint_url,
+    )
     result: dict[str, Any] = {
         "checkpoint": {
             "ref": ref,
@@ -577,76 +743,12 @@ def evaluate(
             "run_name": loaded.spec.run.name if loaded.spec else None,
         },
         "data": {"zero_shot": zero_shot, "retrieval": retrieval, "linear_probe": linear_probe},
-        "metrics": metrics,
-        "rows": rows,
+        "metrics": ev.metrics,
+        "rows": ev.rows,
+        "skipped": ev.skipped,
     }
-
-    retrieval_cap = max_rows or RETRIEVAL_ROWS
-    shared = None
-    if zero_shot and retrieval and zero_shot.rstrip("/") == retrieval.rstrip("/"):
-        cap = None if max_rows is None else max_rows  # zero-shot wants all rows unless capped
-        shared = encode_parquet(
-            model,
-            tok,
-            zero_shot,
-            need_text=True,
-            need_labels=True,
-            max_rows=cap,
-            field="zero-shot",
-            **common,
-        )
-    if zero_shot:
-        feats = shared or encode_parquet(
-            model, tok, zero_shot, need_labels=True, max_rows=max_rows, field="zero-shot", **common
-        )
-        zs = _zero_shot(model, tok, feats, prompt_list, dev)
-        metrics.update(zs.pop("metrics"))
-        rows["zero_shot"] = len(feats.labels)
-        result["zero_shot"] = {**zs, "templates": prompt_list}
-    if retrieval:
-        if shared is not None:
-            cap = retrieval_cap
-            feats = Features(
-                shared.images[:cap], shared.texts[:cap], None, 0, shared.captions[:cap]
-            )
-        else:
-            feats = encode_parquet(
-                model,
-                tok,
-                retrieval,
-                need_text=True,
-                max_rows=retrieval_cap,
-                field="retrieval",
-                **common,
-            )
-        from maskclip.evaluate import retrieval_recall
-
-        metrics.update(retrieval_recall(feats.images, feats.texts, caption_ids=feats.caption_ids()))
-        rows["retrieval"] = feats.images.shape[0]
-    if linear_probe:
-        train_cap = probe_rows or max_rows
-        train = encode_parquet(
-            model,
-            tok,
-            _join(linear_probe, "train"),
-            need_labels=True,
-            max_rows=train_cap,
-            field="linear-probe train",
-            **common,
-        )
-        test = encode_parquet(
-            model,
-            tok,
-            _join(linear_probe, "test"),
-            need_labels=True,
-            max_rows=max_rows,
-            field="linear-probe test",
-            **common,
-        )
-        metrics["linear_probe_top1"] = _linear_probe(train, test)
-        rows["linear_probe_train"] = len(train.labels)
-        rows["linear_probe_test"] = len(test.labels)
-
+    if ev.zero_shot is not None:
+        result["zero_shot"] = ev.zero_shot
     result["mlflow"] = {"uri": None, "run_id": None, "logged": False}
     if log_mlflow:
         result["mlflow"] = log_results(result, resolved, loaded, tracking_uri)
@@ -668,42 +770,6 @@ def eval_tracking_uri(explicit: str | None, spec) -> str | None:
         if local.is_file():
             return f"sqlite:///{local.resolve()}"
     return default_tracking_uri(None)
-
-
-def confusion_figure(class_names: list[str], matrix, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cm = np.asarray(matrix)
-    n = len(class_names)
-    size = max(4.0, 0.5 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("zero-shot confusion matrix")
-    if n <= 20:
-        top = cm.max() if cm.size else 0
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    str(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if cm[i, j] > top / 2 else "black",
-                )
-    fig.colorbar(im, ax=ax, shrink=0.7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def log_results(result: dict, resolved: Resolved, loaded: Loaded, tracking_uri: str | None) -> dict:
@@ -761,6 +827,8 @@ def log_results(result: dict, resolved: Resolved, loaded: Loaded, tracking_uri: 
             zs = result.get("zero_shot")
             if zs:
                 fig = os.path.join(d, "zero_shot_confusion.png")
+                from .figures import confusion_figure
+
                 confusion_figure(zs["class_names"], zs["confusion_matrix"], fig)
                 client.log_artifact(run_id, fig, "eval")
         if new_run:

@@ -37,6 +37,9 @@ def format_result(result: dict) -> str:
         label, rows_key = _label(name)
         rows = result["rows"].get(rows_key, "")
         lines.append(f"  {label:<22} {value:>7.3f} {rows!s:>7}")
+    for where, reasons in (result.get("skipped") or {}).items():
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        lines.append(f"  {where}: skipped {sum(reasons.values())} bad row(s) ({counts})")
     zs = result.get("zero_shot")
     if zs and len(zs["class_names"]) <= 20:
         names = [n[:10] for n in zs["class_names"]]
@@ -61,6 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not (args.zero_shot or args.retrieval or args.linear_probe):
         raise UserError("give at least one of --zero-shot, --retrieval, --linear-probe")
+    caps = {} if args.max_rows is None else {"max_rows": args.max_rows}
     result = evaluate(
         args.ref,
         zero_shot=args.zero_shot,
@@ -68,12 +72,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         linear_probe=args.linear_probe,
         templates=args.templates,
         batch_size=args.batch_size,
-        max_rows=args.max_rows,
         probe_rows=args.probe_rows,
         endpoint_url=args.endpoint_url,
         tracking_uri=args.tracking_uri,
         log_mlflow=args.mlflow,
         device=args.device,
+        label_column=args.label_column,
+        **caps,
     )
     print(format_result(result), flush=True)
     if args.json:
@@ -103,12 +108,23 @@ def register(subparsers) -> None:
     p.add_argument("--zero-shot", metavar="DATA", help="labelled Parquet data (label column)")
     p.add_argument("--retrieval", metavar="DATA", help="Parquet image-caption pairs")
     p.add_argument("--linear-probe", metavar="ROOT", help="a dataset root with train/ and test/")
-    p.add_argument("--templates", metavar="FILE", help="zero-shot prompts, one per line with {}")
+    p.add_argument(
+        "--templates",
+        metavar="FILE|SET",
+        help="zero-shot prompts: a file (one per line with {}) or a set: default, shapes, "
+        "fashion-mnist (default: the checkpoint's data.templates)",
+    )
+    p.add_argument(
+        "--label-column",
+        default=None,
+        help="the zero-shot / probe label column (default: the checkpoint's data.label_column)",
+    )
     p.add_argument(
         "--max-rows",
         type=_positive,
         default=None,
-        help="cap every split (default: all rows; retrieval 5000)",
+        help="cap every split: its first N usable rows (default: evaluation.MAX_ROWS, 5000, "
+        "the same cap as in-loop validation)",
     )
     p.add_argument(
         "--probe-rows",
@@ -116,7 +132,7 @@ def register(subparsers) -> None:
         default=None,
         help="cap the linear probe's train split (default: --max-rows or all)",
     )
-    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--batch-size", type=_positive, default=256, help="rows encoded at a time")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument(
         "--tracking-uri",

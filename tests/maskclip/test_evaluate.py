@@ -6,11 +6,13 @@ import torch
 
 from maskclip.evaluate import (
     confusion_matrix,
+    encode_features,
     linear_probe,
     retrieval_recall,
     zero_shot_accuracy,
     zero_shot_classifier,
 )
+from maskclip.templates import FASHION_MNIST_CAPTIONS, TEMPLATE_SETS, check_templates, templates
 
 
 class LookupTokenizer:
@@ -154,3 +156,54 @@ def test_retrieval_duplicate_captions_are_one_candidate():
 def test_retrieval_caption_ids_length_checked():
     with pytest.raises(ValueError, match="caption id"):
         retrieval_recall(torch.eye(3), torch.eye(3), caption_ids=[0, 1])
+
+
+class _Towers(torch.nn.Module):
+    """encode_image sums pixels per channel, encode_text embeds the first token."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(10, 3)
+
+    def encode_image(self, x):
+        return x.sum(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        return self.table(tokens[:, 0])
+
+
+def test_encode_features_concatenates_in_order_without_grad():
+    model = _Towers()
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).view(5, 3, 2, 2)
+    tokens = torch.tensor([[1], [2], [3], [4], [5]])
+    batches = [
+        {"image": images[:2], "tokens": tokens[:2]},
+        {"image": images[2:]},
+        {"tokens": tokens[2:]},
+    ]
+    out = encode_features(model, batches)
+    torch.testing.assert_close(out["image"], images.sum(dim=(2, 3)))
+    torch.testing.assert_close(out["text"], model.table(tokens[:, 0]).detach())
+    assert out["image"].dtype == torch.float32 and not out["text"].requires_grad
+    assert encode_features(model, [{"image": images}])["text"] is None
+    assert encode_features(model, []) == {"image": None, "text": None}
+
+
+def test_template_sets_and_checks():
+    for name, expected in TEMPLATE_SETS.items():
+        got = templates(name)
+        assert got == list(expected) and got and all(t.count("{}") == 1 for t in got), name
+    assert templates(["a {} here"]) == ["a {} here"]
+    # the Fashion-MNIST prompts are its caption templates with the class as {}
+    assert "a photo of a {}" in templates("fashion-mnist")
+    assert len(templates("fashion-mnist")) == len(FASHION_MNIST_CAPTIONS)
+    for bad, message in (
+        ("nope", "unknown template set; choose one of default, shapes, fashion-mnist"),
+        ([], "the template list is empty"),
+        (["a {} {}"], "template 0 needs exactly one {} placeholder"),
+        (["ok {}", "{0} {}"], "template 1 needs exactly one {} placeholder"),
+        (["{x} {}"], "template 0 needs exactly one {} placeholder"),
+    ):
+        assert check_templates(bad) is not None and check_templates(bad).startswith(message), bad
+        with pytest.raises(ValueError, match="got"):
+            templates(bad)

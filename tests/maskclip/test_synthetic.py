@@ -3,7 +3,15 @@ import io
 import numpy as np
 from PIL import Image
 
-from maskclip.synthetic import COLOURS, POSITIONS, SIZES, class_names, generate, prompt_templates
+from maskclip.synthetic import (
+    COLOURS,
+    POSITIONS,
+    SIZES,
+    class_names,
+    colour_names,
+    generate,
+)
+from maskclip.templates import templates
 
 
 def test_rows_reproducible_per_index():
@@ -26,14 +34,19 @@ def test_row_contents():
     rows = generate(200, image_size=24, seed=0)
     names = class_names()
     for r in rows:
-        assert set(r) == {"key", "jpg", "caption", "label"}
-        assert r["label"] in names
-        assert r["label"] in r["caption"].replace(",", " ").split()
+        assert set(r) == {"key", "jpg", "caption", "label", "colour"}
+        assert r["label"] in names and r["colour"] in colour_names()
+        words = r["caption"].replace(",", " ").split()
+        assert r["label"] in words
+        # the colour column is the shape's colour, named next to the shape
+        i = words.index(r["label"])
+        assert r["colour"] in (words[i - 1], words[i + 2] if i + 2 < len(words) else None)
         assert any(c in r["caption"] for c in COLOURS)
         assert any(s in r["caption"] for s in SIZES) or "," in r["caption"]
         img = Image.open(io.BytesIO(r["jpg"]))
         assert img.format == "JPEG" and img.size == (24, 24) and img.mode == "RGB"
     assert {r["label"] for r in rows} == set(names)  # 200 rows cover all shapes
+    assert {r["colour"] for r in rows} == set(colour_names())
     assert len({r["caption"] for r in rows}) > 100
 
 
@@ -44,9 +57,7 @@ def test_caption_position_matches_image():
         pos = next(p for p in POSITIONS if p in words)
         if pos == "centre" or "large" in words:
             continue
-        i = words.index(r["label"])
-        colour = words[i - 1] if words[i - 1] in COLOURS else words[i + 2]  # "circle in red"
-        assert colour in COLOURS
+        colour = r["colour"]
         a = np.asarray(Image.open(io.BytesIO(r["jpg"])), dtype=np.float32)
         dist = np.linalg.norm(a - np.array(COLOURS[colour]), axis=-1)
         near = dist < 60
@@ -56,5 +67,6 @@ def test_caption_position_matches_image():
 
 
 def test_templates_and_classes():
-    assert all(t.count("{}") == 1 for t in prompt_templates())
+    assert all(t.count("{}") == 1 for t in templates("shapes"))
     assert len(set(class_names())) == len(class_names()) >= 5
+    assert colour_names() == list(COLOURS)
