@@ -2,7 +2,8 @@
 #   system: CPU nodes for kube-system, the KubeRay operator, MLflow and the Ray head.
 #   gpu:    GPU nodes for Ray workers; tainted nvidia.com/gpu=present:NoSchedule so only pods that
 #           tolerate it (k8s/raycluster.yaml, rendered RayJobs) land there; scales from 0.
-# IRSA is on (enable_irsa) so the maskclip-runner service account can assume its IAM role.
+# IRSA is on (enable_irsa) so the training and MLflow service accounts assume their IAM roles.
+# The VPC CNI enforces NetworkPolicies (k8s/networkpolicy.yaml): enableNetworkPolicy.
 
 module "eks" {
   source  = "terraform-aws-modules/eks/aws"
@@ -14,14 +15,19 @@ module "eks" {
   vpc_id     = module.vpc.vpc_id
   subnet_ids = module.vpc.private_subnets
 
-  cluster_endpoint_public_access           = true
+  # The API endpoint is private (reachable from the VPC) unless CIDRs are listed; never open to all.
+  cluster_endpoint_private_access          = true
+  cluster_endpoint_public_access           = length(var.cluster_endpoint_public_access_cidrs) > 0
+  cluster_endpoint_public_access_cidrs     = var.cluster_endpoint_public_access_cidrs
   enable_cluster_creator_admin_permissions = true
   enable_irsa                              = true
 
   cluster_addons = {
-    coredns                = {}
-    kube-proxy             = {}
-    vpc-cni                = {}
+    coredns    = {}
+    kube-proxy = {}
+    vpc-cni = {
+      configuration_values = jsonencode({ enableNetworkPolicy = "true" })
+    }
     eks-pod-identity-agent = {}
   }
 

@@ -10,9 +10,14 @@ output "region" {
   value       = var.region
 }
 
-output "runner_role_arn" {
-  description = "IAM role ARN to put in k8s/serviceaccount.yaml (eks.amazonaws.com/role-arn)."
-  value       = module.runner_irsa.iam_role_arn
+output "training_role_arn" {
+  description = "IAM role ARN of the Ray head and worker service accounts (k8s/serviceaccount.yaml)."
+  value       = module.training_irsa.iam_role_arn
+}
+
+output "mlflow_role_arn" {
+  description = "IAM role ARN of the maskclip-mlflow service account (k8s/serviceaccount.yaml)."
+  value       = module.mlflow_irsa.iam_role_arn
 }
 
 output "data_bucket" {

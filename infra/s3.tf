@@ -1,6 +1,9 @@
 # S3 buckets: data (training shards read by Ray Data; checkpoints written by Ray Train under
 # var.checkpoint_prefix) and artifacts (MLflow artifact store, s3://maskclip-artifacts/mlflow).
-# Both: no public access, SSE (KMS with bucket keys), versioning, TLS-only bucket policy.
+# Both: no public access, SSE (KMS with bucket keys), versioning, TLS-only bucket policy, and a
+# lifecycle rule: incomplete multipart uploads (an interrupted checkpoint or artifact upload) are
+# aborted after a day, and replaced or deleted versions (pruned checkpoints) expire after
+# var.noncurrent_version_days instead of being billed forever.
 
 locals {
   buckets = {
@@ -52,6 +55,32 @@ resource "aws_s3_bucket_versioning" "this" {
   versioning_configuration {
     status = "Enabled"
   }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "this" {
+  for_each = aws_s3_bucket.this
+  bucket   = each.value.id
+
+  rule {
+    id     = "abort-incomplete-uploads-expire-old-versions"
+    status = "Enabled"
+
+    filter {}
+
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+
+    noncurrent_version_expiration {
+      noncurrent_days = var.noncurrent_version_days
+    }
+
+    expiration {
+      expired_object_delete_marker = true
+    }
+  }
+
+  depends_on = [aws_s3_bucket_versioning.this]
 }
 
 data "aws_iam_policy_document" "tls_only" {
