@@ -44,12 +44,13 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
       "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 # 2) Project dependencies, cached on pyproject.toml alone (stub packages stand in for the source);
-#    psycopg2 lets the MLflow server use a PostgreSQL backend store.
+#    psycopg2 lets the MLflow server use a PostgreSQL backend store; mlflow[auth] brings what its
+#    basic-auth app (k8s/mlflow.yaml, --app-name basic-auth) needs.
 COPY pyproject.toml README.md ./
 RUN mkdir -p maskclip service \
  && touch maskclip/__init__.py service/__init__.py \
  && pip install --no-cache-dir ".[service]" "ray[default,data,train,tune]==${RAY_VERSION}" \
-      "psycopg2-binary>=2.9" \
+      "psycopg2-binary>=2.9" "mlflow[auth]" \
  && pip uninstall -y maskclip-service \
  && rm -rf maskclip service build ./*.egg-info
 
