@@ -26,15 +26,17 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from .config import DistillConfig, ModelConfig, TextConfig, VisionConfig
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from .tokenizer import Tokenizer
+
+# torch, numpy and safetensors are imported where used: finding a run's checkpoints and reading
+# meta.json (`maskclip validate`, the cluster commands) must not pay for importing torch.
 
 FORMAT = "maskclip/2"
 META = "meta.json"
@@ -74,6 +76,8 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {}
     for pid, entries in state["state"].items():
@@ -100,6 +104,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    import numpy as np
+    import torch
+
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {
         "rng.torch": torch.get_rng_state(),
@@ -114,6 +121,9 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(tensors["rng.torch"])
     kind, pos, has_gauss, gauss = plain["numpy"]
     keys = tensors["rng.numpy"].numpy().astype(np.uint32)
@@ -170,6 +180,8 @@ def save(
     """Write `task` (a MaskCLIPTask) to `directory`; meta.json last.
 
     `training_state=False` writes the model only (an MLflow model or an export)."""
+    from safetensors.torch import save_file
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file(_unshared(task.student.state_dict()), d / MODEL, metadata={"format": FORMAT})
@@ -260,6 +272,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -271,7 +286,7 @@ def check(directory: str | os.PathLike) -> dict[str, Any]:
     """Everything a loader will read is there, matches meta.json and parses (safetensors
     headers, JSON, the tokenizer), without building a model; returns meta. For a caller that
     must refuse a checkpoint before starting work on it (the service's resume)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     d = Path(directory)
     meta = read_meta(d)
@@ -290,6 +305,8 @@ def check(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_tokenizer(d: Path) -> Tokenizer:
+    from .tokenizer import Tokenizer
+
     try:
         return Tokenizer.from_json((d / TOKENIZER).read_text(encoding="utf-8"))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types

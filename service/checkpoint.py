@@ -173,3 +173,173 @@ class local_copy:
     def __exit__(self, *exc) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+# ---------------------------------------------------------------- one live run per name
+
+LEASE = "_lease.json"
+LEASE_TTL_S = 60.0
+"""A driver renews its run's lease every TTL/4; a lease older than TTL belongs to a dead run."""
+
+
+class RunBusy(CheckpointError):
+    """Another live `maskclip run` holds this run name's lease."""
+
+
+class Lease:
+    """`<storage>/<run name>/_lease.json`, held by the one live driver of a run name.
+
+    Written with the owner (host, pid, a random id) and an expiry, renewed from a daemon thread,
+    deleted at the end; a lease past its expiry is taken over (a killed driver cannot delete it).
+    Storage offers no atomic create-if-absent on every backend (S3 through pyarrow does not), so
+    acquiring writes then reads back: two drivers starting within one round trip of each other
+    are the case this cannot rule out."""
+
+    def __init__(self, storage_path: str, run_name: str, filesystem=None, ttl: float = LEASE_TTL_S):
+        import os
+        import socket
+        import uuid
+
+        import pyarrow.fs as pafs
+
+        self.fs = filesystem or pafs.LocalFileSystem()
+        self.dir = f"{storage_path.rstrip('/')}/{run_name}"
+        self.path = f"{self.dir}/{LEASE}"
+        self.run_name, self.ttl = run_name, ttl
+        self.owner = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+        self._stop = None
+
+    def _read(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _write(self) -> None:
+        import time
+
+        self.fs.create_dir(self.dir, recursive=True)
+        data = {"owner": self.owner, "renewed": time.time(), "expires": time.time() + self.ttl}
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(json.dumps(data).encode("utf-8"))
+
+    def holder(self) -> dict | None:
+        """The live lease of another driver, if any."""
+        import time
+
+        held = self._read()
+        if held and held.get("owner") != self.owner and held.get("expires", 0) > time.time():
+            return held
+        return None
+
+    def acquire(self) -> Lease:
+        import threading
+        import time
+
+        for _ in range(2):
+            held = self.holder()
+            if held:
+                age = time.time() - held.get("renewed", time.time())
+                raise RunBusy(
+                    f"run.name: {self.run_name!r} is already running ({held['owner']}, lease "
+                    f"renewed {age:.0f} s ago in {self.dir}); wait for it, stop it, or choose "
+                    "another run.name"
+                )
+            self._write()
+            time.sleep(0.05)
+            if (self._read() or {}).get("owner") == self.owner:
+                break
+        else:
+            raise RunBusy(f"run.name: {self.run_name!r}: another driver took its lease just now")
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, name="maskclip-lease", daemon=True).start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self._write()
+            except OSError as e:  # storage briefly away: the next renewal tries again
+                print(f"warning: lease renewal failed: {e}", file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if (self._read() or {}).get("owner") == self.owner:
+            try:
+                self.fs.delete_file(self.path)
+            except OSError:
+                pass  # it expires by itself
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def set_aside(storage_path: str, run_name: str, filesystem=None) -> str | None:
+    """`--fresh`: move a run's checkpoints to `<run name>.replaced-<UTC time>` (kept, not
+    deleted); returns the new location, or None when there was nothing."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    src = f"{storage_path.rstrip('/')}/{run_name}"
+    if fs.get_file_info(src).type == pafs.FileType.NotFound:
+        return None
+    dest = f"{src}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dest)
+    else:  # object stores have no directory rename
+        pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+    return dest
+
+
+RESUME_IGNORES = (
+    "optim.max_steps",
+    "optim.epochs",
+    "optim.log_every",
+    "optim.val_every",
+    "optim.on_nonfinite",
+    "optim.max_skipped_steps",
+)
+"""Spec fields a resumed run may change (the step budget, logging). Everything else under these
+sections must match the checkpoint's spec, or the resumed run would silently be another run."""
+RESUME_COMPARES = (
+    "run.seed",
+    "model",
+    "data.train",
+    "data.image_column",
+    "data.caption_column",
+    "optim",
+    "scaling.num_workers",
+)
+
+
+def spec_changes(saved_yaml: str, spec_dict: dict) -> list[str]:
+    """`path: old -> new` for each compared field that differs between a checkpoint's job.yaml
+    and the spec about to resume it."""
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    try:
+        old = flat(yaml.safe_load(saved_yaml))
+    except yaml.YAMLError:
+        return ["job.yaml: unreadable"]
+    new = flat(spec_dict)
+    compared = [  # fields both versions know: a field added since then is not a change
+        k
+        for k in sorted(set(old) & set(new))
+        if any(k == c or k.startswith(c + ".") for c in RESUME_COMPARES) and k not in RESUME_IGNORES
+    ]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in compared if old.get(k) != new.get(k)]

@@ -48,9 +48,10 @@ def start_run(
     tags: dict[str, str],
     run_id: str | None = None,
     parent_run_id: str | None = None,
+    reopen_unfinished: bool = True,
 ) -> str | None:
-    """Create the run (or reopen `run_id`, or the unfinished run with this name); None if
-    MLflow cannot be reached — training goes on without it."""
+    """Create the run (or reopen `run_id`, or the unfinished run with this name unless
+    `reopen_unfinished` is False); None if MLflow cannot be reached — training goes on without it."""
     try:
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
@@ -59,7 +60,7 @@ def start_run(
             if exp
             else client.create_experiment(experiment, artifact_location=_local_artifact_root(uri))
         )
-        if run_id is None:
+        if run_id is None and reopen_unfinished:
             found = client.search_runs(
                 [exp_id],
                 filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}' and attributes.status != 'FINISHED'",

@@ -17,8 +17,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from ..sweep_spec import validate_sweep
 
         validate_sweep(spec)
+    print(f"# {_resume_line(spec)}")
     print(spec.to_yaml(), end="")
     return 0
+
+
+def _resume_line(spec) -> str:
+    """Whether `maskclip run` of this spec would start fresh or resume, and from which step
+    (the storage is only listed: nothing is created, nothing imports torch or ray)."""
+    from ..checkpoint import find_latest
+    from ..errors import UserError
+    from ..storage import is_s3, split_uri
+
+    uri = spec.storage_path()
+    try:
+        fs, root = split_uri(uri, spec.storage)
+        latest = find_latest(root, spec.run.name, fs if is_s3(fs) else None, verify=False)
+    except (OSError, UserError) as e:
+        return f"run {spec.run.name}: cannot tell whether it resumes ({e})"
+    if latest is None:
+        return f"run {spec.run.name}: starts fresh (no checkpoint under {uri})"
+    return f"run {spec.run.name}: resumes from the checkpoint at step {latest[1]['step']}"
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -34,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     check_inputs(spec)
-    run_job(spec)
+    run_job(spec, fresh=args.fresh)
     return 0
 
 
@@ -51,6 +70,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("run", help="train a job (embedded local Ray unless scaling.ray_address)")
     spec_args(p)
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: set this run name's checkpoints aside (kept) and open a new MLflow run",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="resolve and check a spec, print it, run nothing")
     spec_args(p)
