@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from collections import deque
 from typing import Any
 
@@ -100,14 +101,31 @@ def _local_artifact_root(uri: str) -> str | None:
 
 
 class Tracker:
-    """Rank-0 logger into an existing run. All methods are safe to call when MLflow is down."""
+    """Rank-0 logger into an existing run. All methods are safe to call when MLflow is down.
+
+    Metrics go through a bounded buffer that a daemon thread sends, so a server that accepts
+    connections and never answers costs the training step nothing (each request still waits
+    MLFLOW_HTTP_REQUEST_TIMEOUT x retries, in that thread). Points that do not fit the buffer
+    are dropped oldest-first and counted; `end()` waits at most `end_timeout_s` for the rest
+    and says how many points never reached the server."""
 
     def __init__(
-        self, uri: str | None, run_id: str | None, max_buffer: int = 10000, resumed: bool = False
+        self,
+        uri: str | None,
+        run_id: str | None,
+        max_buffer: int = 10000,
+        resumed: bool = False,
+        end_timeout_s: float = 30.0,
     ):
         self.uri, self.run_id = uri, run_id
         self.enabled = bool(uri and run_id)
-        self._buffer: deque = deque(maxlen=max_buffer)
+        self.max_buffer, self.end_timeout_s = max_buffer, end_timeout_s
+        self.dropped = 0
+        self._buffer: deque = deque()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._sender: threading.Thread | None = None
         self._warned = False
         self._client = _client(uri) if self.enabled else None
         self.logged_up_to = self._last_logged_step() if resumed else -1
@@ -130,10 +148,12 @@ class Tracker:
                 f"warning: MLflow {what} failed ({type(err).__name__}: {str(err)[:120]}); "
                 "metrics are buffered and training continues",
                 file=sys.stderr,
+                flush=True,
             )
             self._warned = True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue one step's metrics; returns at once (the sender thread sends them)."""
         if not self.enabled or step <= self.logged_up_to:
             return
         import time
@@ -141,22 +161,51 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._buffer.extend(Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items())
-        self.flush()
-
-    def flush(self) -> None:
-        """Send buffered metrics; what was sent leaves the buffer, so nothing is sent twice."""
-        if not self.enabled:
-            return
-        try:
-            while self._buffer:
-                chunk = [self._buffer[i] for i in range(min(500, len(self._buffer)))]
-                self._client.log_batch(self.run_id, metrics=chunk)
-                for _ in chunk:
+        with self._lock:
+            for k, v in metrics.items():
+                if len(self._buffer) >= self.max_buffer:
                     self._buffer.popleft()
-            self._warned = False
-        except Exception as e:  # noqa: BLE001
-            self._warn("logging", e)
+                    self.dropped += 1
+                self._buffer.append(Metric(metric_name(k), float(v), ts, step))
+        if self._sender is None:
+            self._sender = threading.Thread(
+                target=self._send_loop, name="mlflow-sender", daemon=True
+            )
+            self._sender.start()
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait(5.0)  # also retries a failed send every few seconds
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics; what was sent leaves the buffer, so nothing is sent twice.
+        True when the buffer is empty afterwards."""
+        if not self.enabled:
+            return True
+        with self._send_lock:
+            try:
+                while True:
+                    with self._lock:
+                        chunk = [self._buffer[i] for i in range(min(500, len(self._buffer)))]
+                    if not chunk:
+                        break
+                    self._client.log_batch(self.run_id, metrics=chunk)
+                    with self._lock:  # the chunk is still at the front: only this lock sends
+                        for _ in chunk:
+                            self._buffer.popleft()
+                self._warned = False
+                return True
+            except Exception as e:  # noqa: BLE001
+                self._warn("logging", e)
+                return False
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buffer)
 
     def _guarded(self, what: str, method: str, *args, **kwargs) -> None:
         """Call an MlflowClient method on this run; a failure is one warning, never an error."""
@@ -176,8 +225,26 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self._guarded("tagging", "set_tag", key, value)
 
+    def finish(self) -> None:
+        """Send what is buffered, waiting at most `end_timeout_s`; then report, in one line,
+        the points that never reached the server (dropped from a full buffer or unsent)."""
+        if not self.enabled:
+            return
+        result: list[bool] = []
+        sender = threading.Thread(target=lambda: result.append(self.flush()), daemon=True)
+        sender.start()
+        sender.join(self.end_timeout_s)
+        lost = self.dropped + (0 if result and result[0] else self.pending)
+        if lost:
+            print(
+                f"warning: {lost} metric points did not reach MLflow at {self.uri} "
+                f"({self.dropped} dropped from a full buffer of {self.max_buffer})",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def end(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
-        self.flush()
+        self.finish()
         self._guarded("closing the run", "set_terminated", status=status)

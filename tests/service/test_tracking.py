@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import mlflow
 
 from service.tracking import Tracker, flatten, metric_name, start_run
@@ -22,15 +26,17 @@ def test_server_down_mid_run_buffers_then_flushes_without_duplicates(tmp_path, c
         run_id = start_run(server.uri, "t", "job", {"a": "1"}, {})
         tracker = Tracker(server.uri, run_id)
         tracker.log_metrics({"loss": 3.0}, 1)
+        assert tracker.flush() and tracker.pending == 0
         server.stop()  # the server goes away mid-run
         tracker.log_metrics({"loss": 2.0}, 2)
         tracker.log_metrics({"loss": 1.5}, 3)
+        assert not tracker.flush()
         err = capsys.readouterr().err
         assert err.count("warning: MLflow") == 1  # one warning, not one per call
-        assert len(tracker._buffer) == 2
+        assert tracker.pending == 2
         server.start()  # back on the same port and database
         tracker.log_metrics({"loss": 1.0}, 4)
-        assert len(tracker._buffer) == 0
+        assert tracker.flush() and tracker.pending == 0
         history = mlflow.MlflowClient(server.uri).get_metric_history(run_id, "loss")
         assert sorted((m.step, m.value) for m in history) == [
             (1, 3.0),
@@ -40,6 +46,54 @@ def test_server_down_mid_run_buffers_then_flushes_without_duplicates(tmp_path, c
         ]
     finally:
         server.stop()
+
+
+def _black_hole() -> tuple[socket.socket, str]:
+    """A loopback server that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_server_that_never_answers_costs_logging_nothing_and_losses_are_counted(
+    capsys, monkeypatch
+):
+    """Rank 0 logs every step into a black hole: log_metrics returns at once every time; the
+    buffer keeps the newest points and counts what it dropped; finish() is bounded and says
+    how many points never reached MLflow."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    sock, uri = _black_hole()
+    try:
+        tracker = Tracker(uri, "0" * 32, max_buffer=50, end_timeout_s=2.0)
+        slowest = 0.0
+        for step in range(1, 41):
+            t0 = time.perf_counter()
+            tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+            slowest = max(slowest, time.perf_counter() - t0)
+        assert slowest < 0.05, slowest  # never waits on the server
+        assert tracker.dropped == 80 - 50 and tracker.pending == 50
+        t0 = time.perf_counter()
+        tracker.finish()
+        assert time.perf_counter() - t0 < 3.0
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1] == (
+            f"warning: 80 metric points did not reach MLflow at {uri} "
+            "(30 dropped from a full buffer of 50)"
+        )
+    finally:
+        sock.close()
 
 
 def test_start_run_returns_none_when_server_is_unreachable(capsys):
