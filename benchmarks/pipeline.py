@@ -101,10 +101,10 @@ def worker_threads(spec) -> int:
 
 def predecoded_batches(spec, tokenizer_json: str, n_batches: int):
     """The first rows of data.train decoded by the pipeline's own DecodeBatch (train transform)."""
-    import pyarrow.parquet as pq
     import torch
 
-    from service.data import DecodeBatch, resolve_source
+    from service.data import DecodeBatch
+    from service.storage import resolve_source
 
     d, b = spec.data, spec.optim.batch_size
     decoder = DecodeBatch(
@@ -120,11 +120,9 @@ def predecoded_batches(spec, tokenizer_json: str, n_batches: int):
         keep_caption=False,
     )
     images, tokens = [], []
-    paths, _ = resolve_source(d.train, spec.storage)
-    for path in paths:
-        for rb in pq.ParquetFile(path).iter_batches(
-            batch_size=b, columns=[d.image_column, d.caption_column]
-        ):
+    train = resolve_source(d.train, spec.storage)
+    for path in train.paths:
+        for rb in train.iter_file(path, [d.image_column, d.caption_column], b):
             cols = {
                 name: rb.column(name).to_numpy(zero_copy_only=False) for name in rb.schema.names
             }
@@ -143,12 +141,13 @@ def predecoded_batches(spec, tokenizer_json: str, n_batches: int):
 
 
 def bare_throughput(spec, tokenizer_json: str, steps: int, warmup: int, threads: int) -> float:
-    """Samples/s of the per-worker loop's work (train_loop.py) without Ray, after warm-up."""
+    """Samples/s of the per-worker loop's step (train_loop.train_step, the same function) without
+    Ray, after warm-up."""
     import torch
 
     from maskclip import MaskCLIPTask
     from maskclip.tokenizer import Tokenizer
-    from service.train_loop import build_optimizer, build_scheduler, seed_everything
+    from service.train_loop import build_optimizer, build_scheduler, seed_everything, train_step
 
     torch.set_num_threads(threads)
     tok = Tokenizer.from_json(tokenizer_json)
@@ -167,16 +166,19 @@ def bare_throughput(spec, tokenizer_json: str, steps: int, warmup: int, threads:
         if step == warmup:
             t0, samples = time.perf_counter(), 0
         images, tokens = batches[step % len(batches)]
-        loss, _ = task.training_forward(images, tokens, gen)
-        if not torch.isfinite(loss):
+        out = train_step(
+            task,
+            optimizer,
+            scheduler,
+            images,
+            tokens,
+            gen,
+            step=step,
+            total_steps=total,
+            grad_clip=spec.optim.grad_clip,
+        )
+        if out.nonfinite:
             raise SystemExit(f"bare loop: non-finite loss at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if spec.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(task.student.parameters(), spec.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        task.update_teacher(step + 1, total)
         samples += images.shape[0]
     return samples / (time.perf_counter() - t0)
 
@@ -187,8 +189,10 @@ def bare_throughput(spec, tokenizer_json: str, steps: int, warmup: int, threads:
 def data_throughput(spec, tokenizer_json: str, warmup_batches: int) -> tuple[float, int]:
     """Rows/s of build_dataset(spec, "train") iterated alone, after `warmup_batches`."""
     from service import data
+    from service.storage import resolve_source
 
-    ds = data.build_dataset(spec, "train", tokenizer_json, None)
+    train = resolve_source(spec.data.train, spec.storage)
+    ds = data.build_dataset(train, spec, "train", tokenizer_json, None)
     rows = 0
     t0 = None
     for i, batch in enumerate(ds.iter_batches(batch_size=spec.optim.batch_size)):
@@ -289,6 +293,7 @@ def rss_child(args) -> None:
     import ray
 
     from service import data
+    from service.storage import resolve_source
     from service.trainer import init_ray
 
     root = Path(args.rss_child)
@@ -297,7 +302,8 @@ def rss_child(args) -> None:
     t = time.perf_counter()
     with TreeRSS() as rss:
         init_ray(spec)
-        ds = data.build_dataset(spec, "train", tokenizer_json, None)
+        train = resolve_source(spec.data.train, spec.storage)
+        ds = data.build_dataset(train, spec, "train", tokenizer_json, None)
         rows = sum(len(b["image"]) for b in ds.iter_batches(batch_size=spec.optim.batch_size))
         rss.sample()
         ray.shutdown()

@@ -45,7 +45,8 @@ import torch
 from .errors import DataError, UserError
 
 EVALUATED_CHECKPOINT_TAG = "maskclip.evaluated_checkpoint"
-MODEL_FILES = ("student.pt", "tokenizer.json", "job.yaml")
+MODEL_FILES = ("meta.json",)
+"""A checkpoint and a `model/` artifact are one format (maskclip.checkpoint): meta.json marks it."""
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _CHECKPOINT_PREFIX = "checkpoint"
 
@@ -81,10 +82,18 @@ def _temp_dir() -> str:
 
 
 def _local_kind(d: Path) -> str | None:
-    if (d / "meta.json").is_file():
+    """ "checkpoint" (with training state) or "model" for a folder of the one format; the first
+    format's pickles count as a checkpoint too, so that loading it gives its one-line error."""
+    from maskclip import checkpoint as fmt
+
+    if (d / fmt.META).is_file():
+        try:
+            training = json.loads((d / fmt.META).read_text(encoding="utf-8")).get("training_state")
+        except (ValueError, AttributeError):
+            training = True  # unreadable: the loader says so in one line
+        return "checkpoint" if training is not False else "model"
+    if any((d / name).is_file() for name in fmt.PICKLE_FILES):
         return "checkpoint"
-    if all((d / name).is_file() for name in MODEL_FILES):
-        return "model"
     return None
 
 
@@ -139,10 +148,6 @@ def _resolve_local(ref: str, endpoint_url: str | None) -> Resolved:
         if newest is None:
             raise UserError(f"{ref}: no complete checkpoint (every checkpoint_* lacks meta.json)")
         return Resolved(newest, "checkpoint", ref)
-    if (d / "state.pt").is_file():
-        raise UserError(
-            f"{ref}: an interrupted checkpoint write (no meta.json); use an earlier one"
-        )
     if (d / "job.yaml").is_file():  # a run's output folder (runs/<name>): follow its storage
         spec = _load_job_spec((d / "job.yaml").read_text(encoding="utf-8"), ref)
         storage = spec.storage_path().rstrip("/") + "/" + spec.run.name
@@ -287,46 +292,21 @@ class Loaded:
     info: dict = field(default_factory=dict)
 
 
-def load_model_folder(directory: str | Path):
-    """A `model/` artifact folder (student.pt, tokenizer.json, job.yaml, no meta.json) ->
-    (student MaskCLIP in eval mode, tokenizer, spec); the config is rebuilt from job.yaml."""
-    from maskclip.tokenizer import Tokenizer
-    from maskclip.towers import MaskCLIP
-
-    d = Path(directory)
-    tok = Tokenizer.from_json((d / "tokenizer.json").read_text(encoding="utf-8"))
-    spec = _load_job_spec((d / "job.yaml").read_text(encoding="utf-8"), str(d))
-    model = MaskCLIP(spec.model_config_for(tok.vocab_size), pad_id=tok.pad_id)
-    model.load_state_dict(torch.load(d / "student.pt", map_location="cpu", weights_only=True))
-    model.eval()
-    return model, tok, spec
-
-
 def load(resolved: Resolved) -> Loaded:
+    """The model of a checkpoint or `model/` folder, rebuilt from its own meta.json (no spec
+    needed); CheckpointError (one line) on anything unreadable. Nothing is unpickled."""
     from . import checkpoint as ckpt
 
     d = Path(resolved.path)
-    try:
-        if resolved.kind == "checkpoint":
-            task, tok, meta = ckpt.load_for_eval(d)
-            spec = None
-            if (d / "job.yaml").is_file():
-                spec = _load_job_spec((d / "job.yaml").read_text(encoding="utf-8"), str(d))
-            return Loaded(
-                task.student,
-                tok,
-                meta.get("step"),
-                meta.get("mlflow_run_id") or resolved.mlflow_run_id,
-                spec,
-            )
-        model, tok, spec = load_model_folder(d)
-        return Loaded(model, tok, None, resolved.mlflow_run_id, spec)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - corrupt / mismatched files: one line, exit 2
-        raise UserError(
-            f"{resolved.source}: cannot load ({type(e).__name__}: {_first_line(e)})"
-        ) from None
+    model, tok, meta = ckpt.load_model(d)
+    spec = None
+    if (d / ckpt.SPEC_FILE).is_file():  # only for the run's name and MLflow store
+        try:
+            spec = _load_job_spec((d / ckpt.SPEC_FILE).read_text(encoding="utf-8"), str(d))
+        except (UserError, ValueError) as e:  # another version's spec: the model needs none
+            _warn(f"{d / ckpt.SPEC_FILE}: unreadable ({type(e).__name__}); evaluating without it")
+    run_id = meta.get("mlflow_run_id") or resolved.mlflow_run_id
+    return Loaded(model, tok, meta.get("step"), run_id, spec)
 
 
 # ---------------------------------------------------------------- the one evaluation path

@@ -173,17 +173,37 @@ class DataSection(Section):
     val: str | None = None
     """Optional validation shards (with a label column: zero-shot + retrieval)."""
     image_column: str = "jpg"
+    """Column of encoded image bytes (JPEG, PNG, WebP, ...)."""
     caption_column: str = "caption"
+    """Column of caption text."""
     label_column: str = "label"
+    """Column of class names (validation: the zero-shot classes; a row without one is bad)."""
     shuffle: bool = True
+    """Shuffle the file order every epoch (training); rows are mixed further by shuffle_buffer."""
     shuffle_buffer: PosInt = 2000
+    """Rows in each worker's local shuffle buffer."""
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
     """Fail once more than this fraction of rows could not be decoded (they are skipped)."""
     max_caption_chars: PosInt = 1000
+    """Captions are cut to this many characters before tokenizing."""
     tokenizer_captions: PosInt = 20000
     """How many training captions train the BPE tokenizer."""
     max_image_pixels: PosInt = 64_000_000
     """Decompression-bomb guard: larger images are skipped as bad rows."""
+    templates: str | list[str] = "default"
+    """Zero-shot prompts for validation (and `maskclip eval` of this run's checkpoints): a set
+    of maskclip.templates (default, shapes, fashion-mnist) or a list of templates, each with one
+    {} for the class name."""
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, v: str | list[str]) -> str | list[str]:
+        from maskclip.templates import check_templates
+
+        why = check_templates(v)
+        if why:
+            raise ValueError(why)
+        return v
 
 
 class OptimSection(Section):
@@ -207,6 +227,9 @@ class OptimSection(Section):
     """auto: bf16 autocast on GPU, fp32 on CPU."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: 'stop' the run (last good checkpoint kept) or 'skip' the step."""
+    max_skipped_steps: PosInt = 20
+    """With on_nonfinite 'skip': stop the run (as 'stop' does) after this many consecutive
+    skipped steps, since a model that only yields NaN would otherwise loop forever."""
     log_every: PosInt = 10
     """Log metrics (console and MLflow) every N steps."""
     val_every: Annotated[int, Field(ge=0)] = 0

@@ -14,6 +14,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray.train
@@ -25,10 +26,12 @@ from maskclip import MaskCLIPTask
 from maskclip.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
-from .control import control_actor
+from .control import StopWatcher, bad_rows_message, control_actor
+from .errors import StopReason
+from .evaluation import validate
+from .figures import patch_similarity_figure
 from .spec import JobSpec
 from .tracking import Tracker
-from .validation import patch_similarity_figure, validate
 
 
 def build_optimizer(task: MaskCLIPTask, spec: JobSpec) -> torch.optim.Optimizer:
@@ -67,6 +70,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class StepResult:
+    """What one `train_step` did. `applied` is False when the update was not made: a non-finite
+    loss on some rank (`nonfinite`) or a stop requested on some rank (`stop`)."""
+
+    report: dict[str, torch.Tensor]
+    applied: bool
+    nonfinite: bool = False
+    stop: bool = False
+    grad_norm: float | None = None
+    momentum: float | None = None
+
+
+def train_step(
+    task: MaskCLIPTask,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    step: int,
+    total_steps: int,
+    grad_clip: float = 0.0,
+    autocast: bool = False,
+    stop: bool = False,
+    distributed: bool = False,
+) -> StepResult:
+    """One optimisation step: forward, agree across ranks (finite loss? stop?), backward, clip,
+    optimiser and schedule step, EMA teacher update. `step` is the number of steps done before
+    this one. The per-worker loop and benchmarks/pipeline.py's bare-PyTorch baseline both call it.
+    """
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss, report = task.training_forward(images, tokens, gen)
+    # every rank must agree on skipping / stopping, or DDP would hang in backward
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop))])
+    if distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stopping = (bool(f) for f in flags.tolist())
+    if nonfinite or stopping:
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(report, applied=False, nonfinite=nonfinite, stop=stopping)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(task.student.parameters(), grad_clip))
+    optimizer.step()
+    scheduler.step()
+    momentum = task.update_teacher(step + 1, total_steps)
+    return StepResult(report, applied=True, grad_norm=grad_norm, momentum=momentum)
+
+
 def train_loop_per_worker(config: dict) -> None:
     spec = JobSpec.model_validate(config["spec"])
     tokenizer = Tokenizer.from_json(config["tokenizer"])
@@ -81,9 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- model, optimiser, schedule
     cfg = spec.model_config_for(tokenizer.vocab_size)
-    task = MaskCLIPTask(cfg, tokenizer.special_ids, tokenizer.mask_id, pad_id=tokenizer.pad_id).to(
-        device
-    )
+    task = MaskCLIPTask(cfg, tokenizer.special_ids, tokenizer.mask_id, pad_id=tokenizer.pad_id)
+    task = task.to(device)
     optimizer = build_optimizer(task, spec)
     scheduler = build_scheduler(optimizer, spec, total_steps)
 
@@ -108,9 +163,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     task.model = ray.train.torch.prepare_model(task.student) if world > 1 else task.student
     tracker = Tracker(None, None)
+    watcher = None
     if rank == 0:
         tracker = Tracker(config.get("tracking_uri"), run_id, resumed=restored_from >= 0)
-    control = control_actor(config["control"]) if rank == 0 else None
+        watcher = StopWatcher(control_actor(config["control"]), spec.data.max_bad_fraction)
     autocast = spec.optim.precision == "bf16" or (
         spec.optim.precision == "auto" and device.type == "cuda"
     )
@@ -138,12 +194,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- the loop
     task.train()
-    stop_reason = None
+    stopped: StopReason | None = None
     t_last, samples_since = time.perf_counter(), 0
     max_epochs = spec.optim.epochs or 10**9
     report: dict = {}
     last_images = None
-    while step < total_steps and epoch < max_epochs and stop_reason is None:
+    skipped = 0  # consecutive steps skipped for a non-finite loss
+    while step < total_steps and epoch < max_epochs and stopped is None:
+        batches_this_epoch = 0
         batches = shard.iter_torch_batches(
             batch_size=spec.optim.batch_size,
             drop_last=True,
@@ -151,40 +209,40 @@ def train_loop_per_worker(config: dict) -> None:
             device=device,
         )
         for batch in batches:
+            batches_this_epoch += 1
             images, tokens = batch["image"], batch["tokens"]
             last_images = images[:4]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, report = task.training_forward(images, tokens, gen)
-
-            # every rank must agree on skipping / stopping, or DDP would hang
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 0.0], device=device)
-            if control is not None and (step % spec.optim.log_every == 0):
-                flags[1] = float(ray.get(control.should_stop.remote()))
-            if world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0] > 0:
-                if spec.optim.on_nonfinite == "stop":
-                    stop_reason = f"non-finite loss at step {step + 1}"
-                    if control is not None:
-                        ray.get(control.request_stop.remote(f"nonfinite: {stop_reason}"))
+            out = train_step(
+                task,
+                optimizer,
+                scheduler,
+                images,
+                tokens,
+                gen,
+                step=step,
+                total_steps=total_steps,
+                grad_clip=spec.optim.grad_clip,
+                autocast=autocast,
+                stop=watcher is not None and watcher.stop_requested,
+                distributed=world > 1,
+            )
+            if out.nonfinite:
+                skipped += 1
+                if spec.optim.on_nonfinite == "stop" or skipped >= spec.optim.max_skipped_steps:
+                    stopped = StopReason.NONFINITE
+                    if watcher is not None:
+                        detail = f"non-finite loss at step {step + 1}"
+                        if spec.optim.on_nonfinite == "skip":
+                            detail += f" ({skipped} consecutive steps skipped)"
+                        ray.get(watcher.control.request_stop.remote(stopped, detail))
                     break
                 print(f"warning: non-finite loss at step {step + 1}; step skipped")
-                optimizer.zero_grad(set_to_none=True)
                 continue
-            if flags[1] > 0:
-                stop_reason = "stop requested"
+            skipped = 0
+            if out.stop:
+                stopped = StopReason.SIGNAL  # the driver's reason (signal or data) is on the actor
                 break
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = None
-            if spec.optim.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    task.student.parameters(), spec.optim.grad_clip
-                )
-            optimizer.step()
-            scheduler.step()
-            momentum = task.update_teacher(step + 1, total_steps)
+            report = out.report
             step += 1
             samples_since += images.shape[0] * world
 
@@ -192,13 +250,12 @@ def train_loop_per_worker(config: dict) -> None:
                 elapsed = time.perf_counter() - t_last
                 metrics = {k: float(v) for k, v in report.items()}
                 metrics["lr"] = scheduler.get_last_lr()[0]
-                metrics["ema_momentum"] = momentum
+                metrics["ema_momentum"] = out.momentum
                 metrics["samples_per_s"] = samples_since / max(elapsed, 1e-9)
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                stats = ray.get(control.data_stats.remote())
-                metrics["data_rows_seen"] = stats["rows_seen"]
-                metrics["data_rows_bad"] = stats["rows_bad"]
+                if out.grad_norm is not None:
+                    metrics["grad_norm"] = out.grad_norm
+                metrics["data_rows_seen"] = watcher.stats["rows_seen"]
+                metrics["data_rows_bad"] = watcher.stats["rows_bad"]
                 tracker.log_metrics(metrics, step)
                 eta = (total_steps - step) * elapsed / max(1, spec.optim.log_every)
                 print(
@@ -207,11 +264,6 @@ def train_loop_per_worker(config: dict) -> None:
                     flush=True,
                 )
                 t_last, samples_since = time.perf_counter(), 0
-                bad = control.check_data.remote(spec.data.max_bad_fraction)
-                if ray.get(bad):
-                    flags_stop = ray.get(control.data_message.remote())
-                    print(f"error: {flags_stop}")
-                    ray.get(control.request_stop.remote("data"))
 
             val_now = {}
             if spec.optim.val_every and step % spec.optim.val_every == 0:
@@ -222,55 +274,79 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         else:
             epoch += 1
+            if batches_this_epoch == 0:  # no full batch: every later epoch would be empty too
+                stopped = StopReason.DATA
+                if watcher is not None:
+                    watcher.poll()
+                    stats = watcher.stats
+                    detail = (
+                        f"data.train: an epoch yielded no batch of {spec.optim.batch_size} rows; "
+                        + bad_rows_message(stats, spec.data.max_bad_fraction).split(": ", 1)[1]
+                    )
+                    ray.get(watcher.control.request_stop.remote(stopped, detail))
+    if watcher is not None:
+        watcher.close()
 
     # --- the end: final checkpoint, validation, figure
     final_metrics = {"loss": float(report["loss"]) if report else float("nan")}
-    if stop_reason is None or stop_reason == "stop requested":
+    if stopped in (None, StopReason.SIGNAL):
         final_metrics.update(_validate(spec, task, tokenizer, device, tracker, rank, step))
         if rank == 0 and tracker.enabled:
             _final_artifacts(task, last_images, tracker, config)
-    final_metrics["stop_reason"] = stop_reason or ""
-    if stop_reason and stop_reason.startswith("non-finite"):
+    if stopped in (StopReason.NONFINITE, StopReason.DATA):
         # keep the last good checkpoint: report without a new one
         ray.train.report({**final_metrics, "step": step, "final": True}, checkpoint=None)
     else:
         save_and_report(final_metrics, final=True)
     if rank == 0:
-        tracker.flush()
+        tracker.finish()  # bounded: an unanswering server cannot hold the end of the run
 
 
 def _newest_on_storage(spec: JobSpec, config: dict):
     """(path, filesystem) of the newest complete checkpoint of this run on storage, if any."""
-    from .data import s3_filesystem
+    from .storage import is_s3, split_uri
 
-    path = config["storage_uri"]  # resolved by the driver (absolute, or s3://)
-    fs = s3_filesystem(spec.storage) if path.startswith("s3://") else None
-    root = path.removeprefix("s3://")
+    fs, root = split_uri(config["storage_uri"], spec.storage)  # checked by the driver
+    fs = fs if is_s3(fs) else None
     found = ckpt.find_latest(root, spec.run.name, fs)
     return (found[0], fs) if found else None
 
 
 def _validate(spec, task, tokenizer, device, tracker, rank, step) -> dict:
+    """service.evaluation.validate on the live student (rank 0 reads data.val with pyarrow):
+    the same numbers `maskclip eval` gives on the checkpoint saved at this step."""
+    from .errors import DataError
+
     if spec.data.val is None or rank != 0:
         return {}
-    val = ray.train.get_dataset_shard("val")
-    task.eval()
-    metrics = validate(task.student, tokenizer, val, device)
-    task.train()
+    try:
+        metrics = validate(spec, task.student, tokenizer, device)
+    except DataError as e:  # e.g. no usable validation row: training goes on, unvalidated
+        print(f"warning: validation skipped: {e}", flush=True)
+        return {}
     tracker.log_metrics(metrics, step)
     print("validation " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     return metrics
 
 
 def _final_artifacts(task, images, tracker, config) -> None:
-    """Final model (student weights + tokenizer + spec) and the mask/similarity figure."""
+    """The final model (the checkpoint format without training state: `maskclip eval` and
+    `maskclip.checkpoint.load` open it) and the mask/similarity figure."""
     with tempfile.TemporaryDirectory() as d:
-        torch.save(task.student.state_dict(), os.path.join(d, "student.pt"))
-        with open(os.path.join(d, "tokenizer.json"), "w") as f:
-            f.write(config["tokenizer"])
-        with open(os.path.join(d, "job.yaml"), "w") as f:
-            f.write(config["spec_yaml"])
-        tracker.log_artifacts(d, "model")
+        model_dir = os.path.join(d, "model")
+        ckpt.save(
+            model_dir,
+            task,
+            None,
+            None,
+            config.get("total_steps", 0),
+            0,
+            config["tokenizer"],
+            config["spec_yaml"],
+            config.get("mlflow_run_id"),
+            training_state=False,
+        )
+        tracker.log_artifacts(model_dir, "model")
         if images is not None:
             fig_path = os.path.join(d, "masks_and_similarity.png")
             patch_similarity_figure(task, images, fig_path)

@@ -12,7 +12,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import ray
 
 from maskclip.tokenizer import Tokenizer
@@ -20,8 +19,9 @@ from maskclip.tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from . import data
 from .control import control_actor
-from .errors import RunStopped, StopReason, UserError
+from .errors import DataError, RunStopped, SpecError, StopReason, UserError
 from .spec import JobSpec
+from .storage import Source, ensure_bucket, is_s3, resolve_source
 from .tracking import Tracker, flatten, start_run
 from .train_loop import train_loop_per_worker
 
@@ -72,43 +72,37 @@ def check_fits(spec: JobSpec) -> None:
 
 
 def storage(spec: JobSpec):
-    """(storage_path for Ray, pyarrow filesystem or None, display URI)."""
-    path = spec.storage_path()
-    if path.startswith("s3://"):
-        fs = data.s3_filesystem(spec.storage)
-        bucket = path[len("s3://") :].split("/", 1)[0]
-        try:
-            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
-        except OSError as e:
-            msg = data._first_line(e)
-            raise UserError(f"checkpoint.storage_path: cannot reach {path!r}: {msg}") from None
-        if missing:
-            raise UserError(f"checkpoint.storage_path: bucket {bucket!r} does not exist ({path!r})")
-        return path[len("s3://") :], fs, path
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return path, None, path
+    """(storage_path for Ray, pyarrow filesystem or None when local, display URI); a missing
+    bucket fails here, a local folder is created."""
+    uri = spec.storage_path()
+    fs, path = ensure_bucket(uri, spec.storage, "checkpoint.storage_path")
+    return path, (fs if is_s3(fs) else None), uri
 
 
-def prepare_tokenizer(spec: JobSpec, latest, fs=None) -> str:
+def prepare_tokenizer(spec: JobSpec, latest, fs=None, train: Source | None = None) -> str:
     """The tokenizer as JSON: the checkpoint's on resume (so prompts tokenize exactly as in
     training), else a BPE trained on a sample of the training captions. `fs` is the
-    checkpoint filesystem the caller already holds (looked up from the spec if not given)."""
+    checkpoint filesystem and `train` the resolved data.train the caller already holds
+    (looked up from the spec if not given)."""
     if latest is not None:
         path, _ = latest
         return ckpt.read_text(path, "tokenizer.json", fs if fs is not None else storage(spec)[1])
-    captions = data.sample_captions(spec, spec.data.tokenizer_captions)
+    d = spec.data
+    train = train or resolve_source(d.train, spec.storage, "data.train")
+    captions = data.sample_captions(
+        train, d.tokenizer_captions, d.max_caption_chars, d.caption_column
+    )
     if not captions:
-        raise UserError(f"data.train: no usable captions in {spec.data.train!r}")
+        raise DataError(f"data.train: no usable captions in {d.train!r}")
     tok = Tokenizer.train(captions, spec.model.vocab_size, spec.context_length)
     return tok.to_json()
 
 
-def total_steps(spec: JobSpec) -> int:
+def total_steps(spec: JobSpec, train: Source) -> int:
     if spec.optim.max_steps:
         return spec.optim.max_steps
-    rows = data.count_rows(spec.data.train, spec.storage)
     per_step = spec.optim.batch_size * spec.scaling.num_workers
-    return max(1, spec.optim.epochs * (rows // per_step))
+    return max(1, spec.optim.epochs * (train.num_rows() // per_step))
 
 
 def ingest_options(spec: JobSpec):
@@ -125,33 +119,69 @@ def ingest_options(spec: JobSpec):
     return options
 
 
-def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: str | None = None):
+def run_job(
+    spec: JobSpec,
+    tune_callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    fresh: bool = False,
+):
+    """Train `spec` (`maskclip run`). One live driver per run name: a lease in the checkpoint
+    storage refuses a second one. `fresh` sets the run's old checkpoints aside first."""
+    where = storage(spec)  # a missing bucket fails here
+    with ckpt.Lease(where[0], spec.run.name, where[1]):
+        return _run_job(spec, where, tune_callbacks, parent_run_id, fresh)
+
+
+def resume_plan(spec: JobSpec, storage_path: str, fs, *, verify: bool = True):
+    """The checkpoint this spec would resume, after checking it was made by the same spec in
+    everything but the step budget (SpecError naming the differing fields otherwise)."""
+    latest = ckpt.find_latest(storage_path, spec.run.name, fs, verify=verify)
+    if latest is None:
+        return None
+    try:
+        saved = ckpt.read_text(latest[0], ckpt.SPEC_FILE, fs)
+    except (OSError, UnicodeDecodeError):
+        saved = None
+    changes = ckpt.spec_changes(saved, spec.model_dump(mode="json")) if saved else []
+    if changes:
+        raise SpecError(
+            f"run.name: {spec.run.name!r} has a checkpoint at step {latest[1]['step']} made with "
+            f"another spec ({'; '.join(changes)}); run with --fresh to start over (the old "
+            "checkpoints are kept aside), or choose another run.name"
+        )
+    return latest
+
+
+def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data.check_columns(  # fail fast on bad data, before any Ray process starts
-        spec.data.train, spec.storage, [spec.data.image_column, spec.data.caption_column]
-    )
-    if spec.data.val:
-        data.check_columns(
-            spec.data.val,
-            spec.storage,
-            [spec.data.image_column, spec.data.caption_column],
-            field="data.val",
-        )
-    storage_path, fs, storage_uri = storage(spec)  # a missing bucket fails here too
+    # each source listed once; bad data fails fast, before any Ray process starts
+    columns = [spec.data.image_column, spec.data.caption_column]
+    train = resolve_source(spec.data.train, spec.storage, "data.train")
+    train.require(columns)
+    val = resolve_source(spec.data.val, spec.storage, "data.val") if spec.data.val else None
+    if val is not None:
+        val.require(columns)
+    storage_path, fs, storage_uri = where
+    if fresh:
+        moved = ckpt.set_aside(storage_path, spec.run.name, fs)
+        if moved:
+            print(f"--fresh: the earlier checkpoints of {spec.run.name} are now at {moved}")
     run_dir = Path(spec.run.output_dir) / spec.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_yaml = spec.to_yaml()
     (run_dir / "job.yaml").write_text(spec_yaml, encoding="utf-8")
-    init_ray(spec)
-    check_fits(spec)
-    latest = ckpt.find_latest(storage_path, spec.run.name, fs)
+    latest = resume_plan(spec, storage_path, fs)  # verified, before Ray starts
     if latest:
         print(f"resuming {spec.run.name} from checkpoint at step {latest[1]['step']}", flush=True)
-    tokenizer_json = prepare_tokenizer(spec, latest, fs)
+    else:
+        print(f"starting {spec.run.name} fresh (no checkpoint under {storage_uri})", flush=True)
+    init_ray(spec)
+    check_fits(spec)
+    tokenizer_json = prepare_tokenizer(spec, latest, fs, train)
     (run_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    steps = total_steps(spec)
+    steps = total_steps(spec, train)
 
     # MLflow: one run per job name; a resumed job continues the same run
     uri = spec.tracking_uri() if spec.tracking.enabled else None
@@ -166,6 +196,7 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             spec.run.tags,
             run_id=previous,
             parent_run_id=parent_run_id,
+            reopen_unfinished=not fresh,
         )
         tracker = Tracker(uri, run_id)
         tracker.log_artifact(str(run_dir / "job.yaml"), "spec")
@@ -174,9 +205,12 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
 
     control_name = f"maskclip-control-{spec.run.name}-{os.getpid()}"
     control = control_actor(control_name, create=True)
-    datasets = {"train": data.build_dataset(spec, "train", tokenizer_json, control_name)}
-    if spec.data.val:
-        datasets["val"] = data.build_dataset(spec, "val", tokenizer_json, None)
+    datasets = {"train": data.build_dataset(train, spec, "train", tokenizer_json, control_name)}
+    if val is not None and not is_s3(val.filesystem):
+        # rank 0 reads data.val itself (service.evaluation.validate) from the worker's working
+        # directory, which is not this one: give it the absolute path
+        absolute = str(Path(spec.data.val).expanduser().resolve())
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"val": absolute})})
 
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker}
@@ -217,20 +251,26 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
         flush=True,
     )
 
+    signalled = []
+
     def on_signal(signum, frame):
+        if signalled and signum == signal.SIGINT:  # a second Ctrl-C: end now, no checkpoint
+            raise KeyboardInterrupt
+        signalled.append(signum)
         print(f"received signal {signum}: checkpointing and stopping", file=sys.stderr, flush=True)
-        control.request_stop.remote("signal")
+        why = StopReason.INTERRUPT if signum == signal.SIGINT else StopReason.SIGNAL
+        control.request_stop.remote(why)
 
     # Tune runs a trial's run_job in a thread, where signal.signal raises ValueError
     in_main = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
     old = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
-        result = trainer.fit()
+        result = _fit_keeping_signals(trainer) if in_main else trainer.fit()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    reason = ray.get(control.reason.remote())
+    reason, detail = ray.get(control.reason.remote())
     stats = ray.get(control.get.remote())
     final = result.metrics or {}
     checkpoint_uri = _checkpoint_uri(result, storage_uri, storage_path)
@@ -241,10 +281,8 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             {"data_rows_seen": stats["rows_seen"], "data_rows_bad": stats["rows_bad"]},
             int(final.get("step", steps)),
         )
-        status = "FINISHED" if not reason else "KILLED"
-        if reason and reason.startswith("nonfinite"):
-            status = "FAILED"
-        tracker.end(status)
+        failed = reason in (StopReason.NONFINITE, StopReason.DATA)
+        tracker.end("FAILED" if failed else "KILLED" if reason else "FINISHED")
     ray.kill(control)
 
     print(
@@ -259,29 +297,38 @@ def run_job(spec: JobSpec, tune_callbacks: list | None = None, parent_run_id: st
             print(f"  {k}: {v:.4f}")
     print(f"checkpoint: {checkpoint_uri}")
     print(f"mlflow run: {run_id}")
-    if reason and reason.startswith("nonfinite"):
-        raise RunStopped(
-            StopReason.NONFINITE,
-            f"{reason.split(': ', 1)[1]}: the run stopped; the last good checkpoint "
-            f"is {checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)"
-        )
-    if reason == "data":
-        raise RunStopped(StopReason.DATA, _data_message(stats, spec))
-    if reason == "signal":
-        raise RunStopped(
-            StopReason.SIGNAL,
-            "stopped by signal after checkpointing; run the same job again to resume",
-        )
-    return result
+    if reason is None:
+        return result
+    message = {
+        StopReason.NONFINITE: f"{detail}: the run stopped; the last good checkpoint is "
+        f"{checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)",
+        StopReason.DATA: detail,
+        StopReason.SIGNAL: "stopped by signal after checkpointing; run the same job again to "
+        "resume",
+        StopReason.INTERRUPT: "interrupted after checkpointing; run the same job again to resume",
+    }[reason]
+    raise RunStopped(reason, message)
 
 
-def _data_message(stats: dict, spec: JobSpec) -> str:
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats["bad_reasons"].items()))
-    pct = 100 * stats["rows_bad"] / max(1, stats["rows_seen"])
-    return (
-        f"data.train: {stats['rows_bad']} of {stats['rows_seen']} rows ({pct:.1f}%) could not "
-        f"be used ({reasons}); data.max_bad_fraction is {spec.data.max_bad_fraction:g}"
-    )
+def _fit_keeping_signals(trainer):
+    """`trainer.fit()` in a thread, so that the handlers above stay installed: called from the
+    main thread, Ray Train 2.60's fit() replaces SIGINT's handler with one that aborts the run
+    without a checkpoint (it skips that in other threads, as under Tune)."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="maskclip-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: signal handlers run in the main thread between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _checkpoint_uri(result, storage_uri: str, storage_path: str) -> str:

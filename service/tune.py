@@ -490,6 +490,6 @@ def run_sweep(spec: JobSpec):
         raise RunStopped(
             StopReason.FAILED,
             f"sweep {name}: all {len(rows)} trials failed (see the errors above); "
-            "run the same sweep again to retry them"
+            "run the same sweep again to retry them",
         )
     return grid

@@ -180,8 +180,18 @@ def test_driver_killed_then_rerun_resumes(synth_parquet, tmp_path):
     assert len(runs) == 1
 
 
-def test_sigterm_checkpoints_before_exit_and_rerun_resumes(synth_parquet, tmp_path):
-    """Preemption / `maskclip stop`: SIGTERM to the driver makes the workers checkpoint first."""
+@pytest.mark.parametrize(
+    "signame, code, message",
+    [
+        ("SIGTERM", 143, "stopped by signal after checkpointing"),
+        ("SIGINT", 130, "interrupted after checkpointing"),
+    ],
+)
+def test_sigterm_checkpoints_before_exit_and_rerun_resumes(
+    synth_parquet, tmp_path, signame, code, message
+):
+    """Preemption / `maskclip stop` (SIGTERM) and Ctrl-C (SIGINT) to the driver make the workers
+    checkpoint first; the exit code says which."""
     import os
     import signal
     import subprocess
@@ -203,15 +213,15 @@ def test_sigterm_checkpoints_before_exit_and_rerun_resumes(synth_parquet, tmp_pa
         for line in proc.stdout:
             lines.append(line)
             if "step 4/5000" in line:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(getattr(signal, signame))
                 break
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     output = "".join(lines) + out
-    assert proc.returncode == 143, output[-3000:]
-    assert "stopped by signal after checkpointing" in output
+    assert proc.returncode == code, output[-3000:]
+    assert f"error: {message}; run the same job again to resume" in output
     steps = _checkpoint_steps(tmp_path / "runs" / "checkpoints")
     assert steps and 4 <= steps[-1] < 5000  # checkpointed although every_steps is 1000
 
@@ -298,3 +308,49 @@ def test_missing_checkpoint_bucket_is_one_line_error(
         "error: checkpoint.storage_path: bucket 'no-such-ckpt-bucket' does not exist "
         "('s3://no-such-ckpt-bucket/runs')"
     )
+
+
+def test_nonfinite_skip_stops_after_max_skipped_steps(ray_local, synth_parquet, tmp_path, capsys):
+    """`on_nonfinite: skip` on a model that only yields NaN ends after max_skipped_steps
+    consecutive skips instead of looping forever."""
+    job = write_job(
+        tmp_path,
+        data={"train": synth_parquet},
+        optim={
+            "lr": 1.0e30,
+            "grad_clip": 0.0,
+            "warmup_steps": 0,
+            "max_steps": 200,
+            "on_nonfinite": "skip",
+            "max_skipped_steps": 3,
+        },
+        checkpoint={"every_steps": 1},
+        tracking={"enabled": False},
+    )
+    assert main(["run", job]) == 1
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and "(3 consecutive steps skipped)" in err[0], captured.err[-2000:]
+    assert captured.out.count("step skipped") == 2  # the third one stops
+    ckpt = summary(captured.out)["checkpoint"]
+    model, _, _ = load_checkpoint_model(ckpt)
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def test_an_all_corrupt_training_set_ends_with_one_line(ray_local, tmp_path, capsys):
+    """64 undecodable rows: no epoch ever yields a batch. The run ends (exit 2) with one line
+    naming the data and the bad rows by reason, instead of looping over empty epochs."""
+    from tests.service.data_fixtures import write_parquet_shards
+
+    rows = [{"key": f"{i:04d}", "jpg": b"not a jpeg", "caption": "a red circle"} for i in range(64)]
+    write_parquet_shards(rows, str(tmp_path / "bad"), rows_per_shard=32)
+    job = write_job(
+        tmp_path,
+        data={"train": str(tmp_path / "bad")},
+        optim={"max_steps": 50},
+        tracking={"enabled": False},
+    )
+    assert main(["run", job]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1, err
+    assert err[0].startswith("error: data.train: ") and "corrupt image: 64" in err[0], err
