@@ -131,7 +131,9 @@ def check(path: str, filesystem=None) -> dict[str, Any]:
     """Refuse a checkpoint before any work starts on it: every file meta.json lists is there
     with its size and SHA-256, and each parses (safetensors headers, JSON, the tokenizer);
     CheckpointError (one line) otherwise. Nothing is unpickled. On S3 this downloads it once."""
-    with local_copy(path, filesystem) as d:
+    from .storage import copy_to_local
+
+    with copy_to_local(path, filesystem) as d:
         try:
             return fmt.check(d)
         except fmt.FormatError as e:
@@ -145,34 +147,6 @@ def read_text(path: str, name: str, filesystem=None) -> str:
     fs = filesystem or pafs.LocalFileSystem()
     with fs.open_input_stream(f"{path}/{name}") as f:
         return f.read().decode("utf-8")
-
-
-class local_copy:
-    """`with local_copy(path, fs) as d:` a local directory holding the checkpoint at `path`
-    (the path itself when local; a temporary download from S3 otherwise)."""
-
-    def __init__(self, path: str, filesystem=None):
-        self.path, self.fs, self._tmp = path, filesystem, None
-
-    def __enter__(self) -> str:
-        if self.fs is None:
-            return self.path
-        import tempfile
-
-        import pyarrow.fs as pafs
-
-        self._tmp = tempfile.TemporaryDirectory()
-        pafs.copy_files(
-            self.path,
-            self._tmp.name,
-            source_filesystem=self.fs,
-            destination_filesystem=pafs.LocalFileSystem(),
-        )
-        return self._tmp.name
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
 
 
 # ---------------------------------------------------------------- one live run per name

@@ -31,6 +31,7 @@ from .errors import StopReason
 from .evaluation import validate
 from .figures import patch_similarity_figure
 from .spec import JobSpec
+from .storage import copy_to_local
 from .tracking import Tracker
 
 
@@ -150,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     if resume is not None or found is not None:
         # Ray hands a restarted worker group the last checkpoint the controller registered;
         # one written just before a crash may not be registered yet, so storage is checked too
-        source = resume.as_directory() if resume is not None else ckpt.local_copy(*found)
+        source = resume.as_directory() if resume is not None else copy_to_local(*found)
         with source as d:
             meta = ckpt.restore(d, task, optimizer, scheduler)
         step, epoch = meta["step"], meta["epoch"]
