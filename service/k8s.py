@@ -5,7 +5,8 @@ a ``RayJob``.
     print(dump_manifests(docs))        # kubectl apply -f -
 
 The RayJob brings up its own Ray cluster (head: no training, ``num-cpus: "0"``; one worker group
-sized from ``spec.scaling``), runs ``maskclip run /config/job.yaml`` on it (the spec mounted from
+sized from ``spec.scaling``: each pod holds one training worker and ``data_cpus_per_worker``
+CPUs for Ray Data), runs ``maskclip run /config/job.yaml`` on it (the spec mounted from
 the ConfigMap), and tears the cluster down when the job ends.
 
 Control plane: Ray token auth is on (``authOptions.mode: token`` and ``RAY_AUTH_MODE=token``), the
@@ -62,18 +63,18 @@ HEAD_RESOURCES = {
     "requests": {"cpu": "2", "memory": "8Gi"},
     "limits": {"cpu": "4", "memory": "8Gi"},
 }
-GPU_WORKER = {"cpu": 8, "memory": "28Gi"}
-CPU_WORKER = {"cpu": 4, "memory": "8Gi"}
+GPU_WORKER = {"memory": "28Gi"}
+CPU_WORKER = {"memory": "8Gi"}
 SUBMITTER_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "512Mi"},
     "limits": {"cpu": "1", "memory": "1Gi"},
 }
 LABELS = {"app.kubernetes.io/part-of": "maskclip-service"}
 
-
-def ray_version() -> str:
-    """The installed Ray (== the Dockerfile's RAY_VERSION; tests/k8s keeps them equal)."""
-    return metadata.version("ray")
+RAY_VERSION = "2.60.0"
+"""The Ray that rendered RayJobs declare (`rayVersion`): the one the image runs. It equals the
+ray pin in requirements.lock, the Dockerfile's RAY_VERSION and k8s/raycluster.yaml (tests/k8s
+checks the four against each other), whatever Ray is installed where `render` runs."""
 
 
 def project_version() -> str:
@@ -256,12 +257,35 @@ def _pod_template(
     }
 
 
+def worker_pod_cpus(spec: JobSpec) -> int:
+    """CPUs of one worker pod (and Ray's ``num-cpus`` there): the training worker's
+    ``scaling.cpus_per_worker`` plus ``scaling.data_cpus_per_worker`` for Ray Data, rounded up
+    to whole CPUs (``ray start --num-cpus`` takes an integer). One training worker per pod."""
+    s = spec.scaling
+    return max(1, math.ceil(s.cpus_per_worker + s.data_cpus() - 1e-9))
+
+
+def check_cpu_plan(spec: JobSpec) -> None:
+    """ClusterError (one line) when the rendered cluster leaves Ray Data no CPU: the head has
+    ``num-cpus: 0``, so the worker pods' spare CPUs are all that Ray Data gets."""
+    s = spec.scaling
+    cpus = worker_pod_cpus(spec)
+    problem = s.cpu_shortfall(
+        s.num_workers * cpus,
+        f"the rendered pods ({s.num_workers} x {cpus}; the head has none)",
+        "set scaling.data_cpus_per_worker above 0 (the default is 6 per GPU)",
+    )
+    if problem:
+        raise ClusterError(problem)
+
+
 def _worker_resources(spec: JobSpec) -> dict[str, Any]:
     s = spec.scaling
     base = GPU_WORKER if s.use_gpu else CPU_WORKER
-    cpu = max(base["cpu"], math.ceil(s.cpus_per_worker))
-    requests: dict[str, str] = {"cpu": str(max(1, cpu - 1)), "memory": base["memory"]}
-    limits: dict[str, str] = {"cpu": str(cpu), "memory": base["memory"]}
+    cpu = str(worker_pod_cpus(spec))
+    # requests == limits: the CPUs Ray is told about (num-cpus) are guaranteed to the pod
+    requests: dict[str, str] = {"cpu": cpu, "memory": base["memory"]}
+    limits: dict[str, str] = {"cpu": cpu, "memory": base["memory"]}
     if s.use_gpu:
         # Kubernetes GPUs are whole devices: a fractional gpus_per_worker gets ceil() of them.
         gpus = str(math.ceil(s.gpus_per_worker))
@@ -304,6 +328,7 @@ def render_rayjob(
     """The RayJob for a spec; ``spec_yaml`` is what the ConfigMap ships (its hash is annotated so
     a changed spec shows up in ``kubectl diff``)."""
     image = check_image(image) if image else default_image()
+    check_cpu_plan(spec)
     name = k8s_name(spec.run.name)
     cm = config_map_name(spec)
     s = spec.scaling
@@ -364,13 +389,14 @@ def render_rayjob(
         "ttlSecondsAfterFinished": int(ttl_seconds_after_finished),
         "backoffLimit": int(backoff_limit),
         "rayClusterSpec": {
-            "rayVersion": ray_version(),
+            "rayVersion": RAY_VERSION,
             # KubeRay reads the token from this Secret (key auth_token) for its own dashboard
             # calls and injects it into every Ray container; it generates no Secret of its own.
             "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
             "headGroupSpec": {
                 "serviceType": "ClusterIP",
-                # No training on the head: it runs the GCS, dashboard and the job's driver.
+                # No training and no Ray Data tasks on the head: it runs the GCS, dashboard,
+                # the job's driver and Ray Data's scheduling loop (CPU-light, see data_pacing).
                 "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                 "template": head,
             },
@@ -380,7 +406,8 @@ def render_rayjob(
                     "replicas": s.num_workers,
                     "minReplicas": s.num_workers,
                     "maxReplicas": s.num_workers,
-                    "rayStartParams": {},
+                    # one training worker (cpus_per_worker) + Ray Data (data_cpus_per_worker)
+                    "rayStartParams": {"num-cpus": str(worker_pod_cpus(spec))},
                     "template": worker,
                 }
             ],

@@ -105,7 +105,9 @@ def test_rayjob_shape(spec_path):
     (worker,) = pod["containers"]
     for section in ("requests", "limits"):
         assert worker["resources"][section]["nvidia.com/gpu"] == "2"
-    assert int(worker["resources"]["limits"]["cpu"]) >= 4
+    # one training worker (4 CPUs) + Ray Data's default 6 per GPU x 2 GPUs, guaranteed to the pod
+    assert worker["resources"]["requests"]["cpu"] == worker["resources"]["limits"]["cpu"] == "16"
+    assert group["rayStartParams"]["num-cpus"] == "16"
 
     # the image defaults to the project's, at the project's version
     from importlib.metadata import version
@@ -333,3 +335,55 @@ def test_cli_render_bad_spec_is_exit_2(tmp_path, capsys):
     bad.write_text("data: {train: s3://maskclip-data/train/}\nscaling: {num_workers: 0}\n")
     assert main(["render", str(bad)]) == 2
     assert "scaling.num_workers" in capsys.readouterr().err
+
+
+def _worker_cpus(job: dict) -> tuple[str, str, str]:
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (worker,) = group["template"]["spec"]["containers"]
+    res = worker["resources"]
+    return res["requests"]["cpu"], res["limits"]["cpu"], group["rayStartParams"]["num-cpus"]
+
+
+@pytest.mark.parametrize(
+    "overrides, cpus",
+    [
+        ([], "16"),  # 4 + 6 x 2 GPUs
+        (["scaling.data_cpus_per_worker=3"], "7"),
+        (["scaling.data_cpus_per_worker=2.5"], "7"),  # 6.5 -> whole CPUs for Ray's num-cpus
+        (["scaling.use_gpu=false", "scaling.cpus_per_worker=0.5"], "1"),  # 0.5 + 0.5
+    ],
+)
+def test_worker_pods_hold_the_worker_and_the_cpus_for_ray_data(spec_path, overrides, cpus):
+    *_, job = _docs(spec_path, overrides)
+    assert _worker_cpus(job) == (cpus, cpus, cpus)
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_shipped_s3_job_leaves_ray_data_cpus_on_an_8_vcpu_gpu_node(capsys):
+    """jobs/s3.yaml on g5.2xlarge nodes (8 vCPUs, infra/variables.tf): 1 CPU drives the GPU, 6
+    decode; the pod asks 7 so it fits the node's allocatable CPUs, like k8s/raycluster.yaml's."""
+    assert main(["render", str(REPO / "jobs" / "s3.yaml")]) == 0
+    job = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d["kind"] == "RayJob"][0]
+    assert _worker_cpus(job) == ("7", "7", "7")
+    spec = load_spec(REPO / "jobs" / "s3.yaml", [])
+    assert spec.scaling.cpus_per_worker == 1 and spec.scaling.data_cpus() == 6
+    tf = (REPO / "infra" / "variables.tf").read_text()
+    assert re.search(r'default\s*=\s*\["g5\.2xlarge"\]', tf)
+    cluster = yaml.safe_load((REPO / "k8s" / "raycluster.yaml").read_text())
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["cpu"] == res["limits"]["cpu"] == "7"
+
+
+def test_cli_render_refuses_workers_that_take_every_cpu(spec_path, capsys):
+    """No CPU left for Ray Data (the head has num-cpus 0): the run would wait forever for its
+    first batch. render refuses with exit 2 and one line naming the numbers."""
+    argv = ["render", str(spec_path), "--set", "scaling.data_cpus_per_worker=0"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "error: scaling: 3 workers x 4 CPU leave 0 of the 12 CPUs of the rendered pods (3 x 4; "
+        "the head has none) to Ray Data, which needs 0.5 (3 x scaling.data_cpus_per_worker 0); "
+        "set scaling.data_cpus_per_worker above 0 (the default is 6 per GPU)"
+    ]
