@@ -50,25 +50,41 @@ def init_ray(spec: JobSpec) -> None:
         )
 
 
-def check_fits(spec: JobSpec) -> None:
-    """Refuse a request the cluster can never satisfy instead of waiting forever."""
-    if spec.scaling.ray_address:  # an autoscaling cluster may grow: let Ray queue it
-        return
-    total = ray.cluster_resources()
+def check_fits(spec: JobSpec, nodes: list[dict] | None = None) -> None:
+    """Refuse, with one line naming the numbers, a request the Ray cluster can never run: more
+    GPUs than it has, or training workers that leave Ray Data fewer CPUs than
+    scaling.data_cpus_per_worker asks (Ray Data's read and decode tasks would then wait forever
+    and so would the first step). `nodes` defaults to the alive nodes of `ray.nodes()`.
+
+    A cluster joined through scaling.ray_address may still grow (autoscaling): while its nodes
+    cannot hold the workers yet, nothing is refused (Ray queues the workers); once they can,
+    the CPU rule applies. `maskclip submit` and the RayJob of `maskclip render` run
+    `maskclip run` on the cluster, so the check runs there, where the nodes can be listed."""
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     s = spec.scaling
-    cpus = s.num_workers * s.cpus_per_worker
-    data_cpus = 0.5  # Ray Data must keep CPU to decode with, or training starves
-    if cpus + data_cpus > total.get("CPU", 0):
-        raise UserError(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU (+{data_cpus} for data) "
-            f"do not fit the {total.get('CPU', 0):g} CPUs of this Ray cluster; lower "
-            "scaling.num_workers or scaling.cpus_per_worker"
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    where = f"this Ray cluster ({len(nodes)} node{'s' if len(nodes) != 1 else ''})"
+    growing = bool(s.ray_address) and (
+        s.num_workers * s.cpus_per_worker > cpus
+        or (s.use_gpu and s.num_workers * s.gpus_per_worker > gpus)
+    )
+    if growing:
+        print(
+            f"scaling: {where} has {cpus:g} CPUs and {gpus:g} GPUs now, fewer than the workers "
+            "ask; waiting for it to scale up (CPUs for Ray Data are not checked)",
+            flush=True,
         )
-    if s.use_gpu and s.num_workers * s.gpus_per_worker > total.get("GPU", 0):
+        return
+    if s.use_gpu and s.num_workers * s.gpus_per_worker > gpus:
         raise UserError(
             f"scaling: {s.num_workers} workers x {s.gpus_per_worker} GPU requested but this Ray "
-            f"cluster has {total.get('GPU', 0):g} GPUs; set scaling.use_gpu=false or fewer workers"
+            f"cluster has {gpus:g} GPUs; set scaling.use_gpu=false or fewer workers"
         )
+    problem = s.cpu_shortfall(cpus, where)
+    if problem:
+        raise UserError(problem)
 
 
 def storage(spec: JobSpec):

@@ -387,3 +387,56 @@ def test_cli_render_refuses_workers_that_take_every_cpu(spec_path, capsys):
         "the head has none) to Ray Data, which needs 0.5 (3 x scaling.data_cpus_per_worker 0); "
         "set scaling.data_cpus_per_worker above 0 (the default is 6 per GPU)"
     ]
+
+
+# ---- the same rule where the job runs: `maskclip run` on a cluster (also submit's and the
+# RayJob's entrypoint), checked against the cluster's nodes as ray.nodes() lists them
+
+HEAD = {"CPU": 0.0, "memory": 8e9}
+
+
+def _cluster_spec(**scaling):
+    base = {"num_workers": 4, "use_gpu": True, "ray_address": "auto"}
+    return build_spec({"data": {"train": "s3://b/train/"}, "scaling": {**base, **scaling}})
+
+
+def test_run_on_a_cluster_refuses_workers_that_take_every_cpu():
+    """jobs/s3.yaml before this fix: 4 x 8 CPUs on 8-CPU GPU pods, a head with num-cpus 0."""
+    from service.errors import UserError
+    from service.trainer import check_fits
+
+    nodes = [HEAD] + [{"CPU": 8.0, "GPU": 1.0}] * 4
+    with pytest.raises(UserError) as e:
+        check_fits(_cluster_spec(cpus_per_worker=8), nodes)
+    assert str(e.value) == (
+        "scaling: 4 workers x 8 CPU leave 0 of the 32 CPUs of this Ray cluster (5 nodes) to Ray "
+        "Data, which needs 24 (4 x scaling.data_cpus_per_worker 6); lower scaling.num_workers or "
+        "scaling.cpus_per_worker, or give the cluster more CPUs"
+    )
+    check_fits(_cluster_spec(cpus_per_worker=2), nodes)  # 8 + 24 = 32: fits
+    with pytest.raises(UserError, match=r"leave 4 of the 32 CPUs .* needs 8 \(4 x "):
+        check_fits(_cluster_spec(cpus_per_worker=7, data_cpus_per_worker=2), nodes)
+    # CPU-only nodes for Ray Data count: the rule is the cluster's total
+    check_fits(_cluster_spec(cpus_per_worker=8), [*nodes, {"CPU": 32.0}])
+
+
+def test_run_on_a_cluster_that_has_not_scaled_up_yet_waits(capsys):
+    from service.trainer import check_fits
+
+    check_fits(_cluster_spec(cpus_per_worker=8), [HEAD])
+    assert "fewer than the workers ask; waiting for it to scale up" in capsys.readouterr().out
+
+
+def test_local_run_has_no_one_to_wait_for():
+    from service.errors import UserError
+    from service.trainer import check_fits
+
+    local = _cluster_spec(use_gpu=False, num_workers=2, cpus_per_worker=0.5, ray_address=None)
+    check_fits(local, [{"CPU": 2.0}])  # 2 x 0.5 + 2 x 0.5 for Ray Data: the ray_local fixture
+    with pytest.raises(UserError, match=r"^scaling: 2 workers x 1 CPU leave 0 of the 2 CPUs"):
+        check_fits(
+            local.model_copy(
+                update={"scaling": local.scaling.model_copy(update={"cpus_per_worker": 1.0})}
+            ),
+            [{"CPU": 2.0}],
+        )

@@ -177,8 +177,9 @@ def test_a_request_larger_than_the_local_cluster_exits_2_at_once(
     if scaling == "cpus":
         wanted = {"num_workers": 4, "cpus_per_worker": 0.5}
         message = (
-            "error: scaling: 4 workers x 0.5 CPU (+0.5 for data) do not fit the 2 CPUs of this "
-            "Ray cluster; lower scaling.num_workers or scaling.cpus_per_worker"
+            "error: scaling: 4 workers x 0.5 CPU leave 0 of the 2 CPUs of this Ray cluster "
+            "(1 node) to Ray Data, which needs 2 (4 x scaling.data_cpus_per_worker 0.5); lower "
+            "scaling.num_workers or scaling.cpus_per_worker, or give the cluster more CPUs"
         )
     else:
         wanted = {"num_workers": 1, "use_gpu": True, "gpus_per_worker": gpus + 1}
