@@ -164,6 +164,16 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- writing
 
 
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors bytes written by Python, so that a full disk or a quota is an OSError with
+    its errno (safetensors' own writer reports it as a SafetensorError message)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"format": FORMAT})
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save(
     directory: str | os.PathLike,
     task,
@@ -180,11 +190,10 @@ def save(
     """Write `task` (a MaskCLIPTask) to `directory`; meta.json last.
 
     `training_state=False` writes the model only (an MLflow model or an export)."""
-    from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(_unshared(task.student.state_dict()), d / MODEL, metadata={"format": FORMAT})
+    _write_tensors(d / MODEL, _unshared(task.student.state_dict()))
     (d / TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
     if training_state:
         tensors: dict[str, torch.Tensor] = {}
@@ -200,7 +209,7 @@ def save(
             info["scheduler"] = scheduler.state_dict()
         rng_tensors, info["rng"] = _rng_state()
         tensors.update(rng_tensors)
-        save_file(tensors, d / TRAINING, metadata={"format": FORMAT})
+        _write_tensors(d / TRAINING, tensors)
         (d / TRAINING_JSON).write_text(json.dumps(info), encoding="utf-8")
     for name, text in (extra_files or {}).items():
         (d / name).write_text(text, encoding="utf-8")

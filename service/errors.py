@@ -54,11 +54,12 @@ class StopReason(str, enum.Enum):
     INTERRUPT = "interrupt"  # SIGINT (Ctrl-C): checkpointed, a rerun resumes
     DATA = "data"  # too many bad rows
     NONFINITE = "nonfinite"  # a NaN/inf loss with optim.on_nonfinite=stop
-    FAILED = "failed"  # every trial of a sweep failed
+    FAILED = "failed"  # workers failed past checkpoint.max_failures, or every trial of a sweep
+    CHECKPOINT = "checkpoint"  # a checkpoint could not be written (disk full): the last one stays
 
     @property
     def exit_code(self) -> int:
-        return {"signal": 143, "interrupt": 130, "data": 2, "nonfinite": 1, "failed": 1}[self.value]
+        return {"signal": 143, "interrupt": 130, "data": 2, "nonfinite": 1, "failed": 1, "checkpoint": 1}[self.value]
 
 
 class RunStopped(Exception):

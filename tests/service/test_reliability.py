@@ -354,3 +354,99 @@ def test_an_all_corrupt_training_set_ends_with_one_line(ray_local, tmp_path, cap
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1, err
     assert err[0].startswith("error: data.train: ") and "corrupt image: 64" in err[0], err
+
+
+def test_running_out_of_max_failures_ends_with_one_line(ray_local, synth_parquet, tmp_path, capfd):
+    """With checkpoint.max_failures 0, one SIGKILLed worker ends the run: one line with the
+    count and the last error, exit 1, the kept checkpoint named; rerunning resumes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    job = write_job(
+        tmp_path,
+        data={"train": synth_parquet},
+        optim={"max_steps": 400, "log_every": 5},
+        checkpoint={"every_steps": 5, "max_failures": 0},
+        tracking={"enabled": False},
+    )
+    storage = tmp_path / "runs" / "checkpoints"
+    killed: list[int] = []
+
+    def killer():
+        if not _wait_for(lambda: any(s >= 5 for s in _checkpoint_steps(storage)), 240):
+            return
+        time.sleep(1)
+        for p in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    assert main(["run", job]) == 1
+    thread.join(5)
+    assert killed, "no training worker was found to kill"
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "error: training failed after 0 restart(s) (checkpoint.max_failures): "
+    )
+    assert "running the same job again resumes from the checkpoint at step " in err[0]
+
+
+def _tiny_filesystem(path: Path, size: str) -> bool:
+    """Mount a tmpfs of `size` at `path` (needs root, as CI has); False where that is refused."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_a_checkpoint_write_that_runs_out_of_space_ends_with_one_line_and_resumes(
+    ray_local, synth_parquet, tmp_path, capsys, monkeypatch
+):
+    """The workers' temporary folder (where a checkpoint is written before Ray copies it to
+    storage) is a 64 KiB filesystem: the write fails with ENOSPC; the run ends with one line,
+    exit 1, the previous checkpoint intact; once there is space, the same job resumes from it."""
+    import os
+    import subprocess
+
+    from service import trainer
+
+    job = write_job(
+        tmp_path,
+        data={"train": synth_parquet},
+        optim={"max_steps": 4},
+        checkpoint={"every_steps": 2},
+        tracking={"enabled": False},
+    )
+    assert main(["run", job]) == 0
+    capsys.readouterr()
+    tiny = tmp_path / "tiny"
+    if not _tiny_filesystem(tiny, "64k"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs was refused; CI runs as root and must be able to")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        monkeypatch.setitem(trainer.WORKER_ENV, "TMPDIR", str(tiny))
+        assert main(["run", job, "--set", "optim.max_steps=8"]) == 1
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert err == [
+        "error: the checkpoint at step 6 could not be written (No space left on device); the "
+        "previous checkpoint is intact: free space and run the same job again to resume"
+    ]
+    assert max(_checkpoint_steps(tmp_path / "runs" / "checkpoints")) == 4
+    monkeypatch.delitem(trainer.WORKER_ENV, "TMPDIR")
+    assert main(["run", job, "--set", "optim.max_steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming t from checkpoint at step 4" in out
+    assert max(_checkpoint_steps(tmp_path / "runs" / "checkpoints")) == 8
