@@ -246,12 +246,65 @@ def _resolve_mlflow(
     raise UserError(f"{ref}: MLflow run has no '{artifact_path}' artifacts and no checkpoint found")
 
 
+def _version_model_id(version) -> str | None:
+    """The logged model behind a registry version (its model_id, or a models:/<id> source)."""
+    source = version.source or ""
+    return version.model_id or (source[len("models:/") :] if source.startswith("models:/") else None)
+
+
+def _resolve_registered(ref: str, tracking_uri: str | None) -> Resolved:
+    """models:/<name>@<alias>, models:/<name>/<version> or models:/<logged model id>: the
+    checkpoint folder inside the MLflow model (service.tracking.save_pyfunc's
+    artifacts/checkpoint)."""
+    uri = default_tracking_uri(tracking_uri)
+    if uri is None:
+        raise UserError(f"{ref}: an MLflow model needs MLFLOW_TRACKING_URI or --tracking-uri")
+    from .tracking import _client
+
+    client = _client(uri)
+    body = ref[len("models:/") :].strip("/")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+            model_id, run_id = _version_model_id(version), version.run_id
+        elif "/" in body:
+            name, number = body.split("/", 1)
+            version = client.get_model_version(name, number)
+            model_id, run_id = _version_model_id(version), version.run_id
+        else:
+            model_id = body
+            run_id = client.get_logged_model(model_id).source_run_id
+    except Exception as e:  # noqa: BLE001 - unknown name/alias/id or server down
+        raise UserError(
+            f"{ref}: no such registered model, alias or version at {uri} ({_first_line(e)})"
+        ) from None
+    if not model_id:
+        raise UserError(f"{ref}: this model version has no logged model to download")
+    try:
+        import mlflow.artifacts
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        dest = mlflow.artifacts.download_artifacts(
+            f"models:/{model_id}", dst_path=_temp_dir(), tracking_uri=uri
+        )
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{ref}: cannot download the model ({_first_line(e)})") from None
+    folder = Path(dest) / "artifacts" / "checkpoint"
+    kind = _local_kind(folder) if folder.is_dir() else None
+    if kind is None:
+        raise UserError(f"{ref}: not a maskclip model (no artifacts/checkpoint folder)")
+    return Resolved(str(folder), kind, ref, run_id, uri)
+
+
 def _resolve(
     ref: str, endpoint_url: str | None = None, tracking_uri: str | None = None
 ) -> Resolved:
     ref = str(ref).strip()
     if not ref:
         raise UserError("checkpoint reference is empty")
+    if ref.startswith("models:/"):
+        return _resolve_registered(ref, tracking_uri)
     if ref.startswith("runs:/"):
         parts = ref[len("runs:/") :].strip("/").split("/", 1)
         if not parts[0]:
@@ -263,7 +316,7 @@ def _resolve(
     if ref.startswith("file://"):
         ref = ref[len("file://") :]
     elif "://" in ref:
-        raise UserError(f"{ref}: unsupported scheme (use a path, s3://, runs:/<id> or a run id)")
+        raise UserError(f"{ref}: unsupported scheme (use a path, s3://, runs:/<id>, models:/<name>@<alias> or a run id)")
     if Path(ref).expanduser().exists():
         return _resolve_local(ref, endpoint_url)
     if _RUN_ID.match(ref):

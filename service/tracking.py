@@ -71,7 +71,7 @@ def start_run(
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return run_id
-        all_tags = {RUN_KEY_TAG: run_name, "mlflow.runName": run_name, **tags}
+        all_tags = {RUN_KEY_TAG: run_name, "mlflow.runName": run_name, **source_tags(), **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -85,6 +85,264 @@ def start_run(
         print(
             f"warning: MLflow at {uri} unavailable ({type(e).__name__}); training continues "
             "without tracking",
+            file=sys.stderr,
+        )
+        return None
+
+
+def source_tags() -> dict[str, str]:
+    """The tags `mlflow.start_run` sets and `MlflowClient.create_run` does not: who ran it, from
+    which entry point, at which git commit (omitted outside a git checkout)."""
+    import getpass
+    import subprocess
+    from pathlib import Path
+
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": Path(sys.argv[0]).name or "maskclip",
+    }
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        pass
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0 and commit.stdout.strip():
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def dataset_input(source, name: str):
+    """An MLflow dataset input for a resolved Parquet source (service.storage.Source): its name,
+    URI and a digest of the resolved file list and sizes (the same files give the same digest;
+    a changed or added shard changes it). Nothing is read but the listing."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    sizes = []
+    for path in source.paths:
+        try:
+            size = source.filesystem.get_file_info(path).size
+        except Exception:  # noqa: BLE001 - the digest is best effort
+            size = None
+        sizes.append([path, size])
+    digest = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()[:16]
+    profile = {"files": len(source.paths), "bytes": sum(s or 0 for _, s in sizes)}
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type="parquet",
+        source=json.dumps({"uri": source.uri}),
+        schema=json.dumps({"columns": source.columns}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", name)])
+
+
+def log_datasets(uri: str | None, run_id: str | None, sources: dict) -> None:
+    """Log {context name: Source} as the run's dataset inputs; a failure is one warning."""
+    if not (uri and run_id):
+        return
+    try:
+        inputs = [dataset_input(s, name) for name, s in sources.items() if s is not None]
+        _client(uri).log_inputs(run_id, datasets=inputs)
+    except Exception as e:  # noqa: BLE001 - tracking never stops training
+        print(f"warning: MLflow dataset inputs not logged ({type(e).__name__})", file=sys.stderr)
+
+
+#: The models-from-code file MLflow stores beside each checkpoint (see `log_checkpoint_model`).
+#: It needs only `maskclip` (not this service) to load.
+_PYFUNC_CODE = '''"""MaskCLIP checkpoint as an MLflow pyfunc: the weights are the safetensors folder in
+artifacts/checkpoint, opened with maskclip.checkpoint.load (nothing is pickled)."""
+import mlflow
+import mlflow.pyfunc
+
+
+class MaskCLIPModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from maskclip.checkpoint import load
+
+        self.checkpoint = context.artifacts["checkpoint"]
+        self.model, self.tokenizer, self.meta = load(self.checkpoint)
+
+    def predict(self, context, model_input, params=None):
+        """Captions (a list, or a DataFrame's first column) -> L2-normalised text embeddings."""
+        import torch
+
+        texts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+        with torch.no_grad():
+            return self.model.encode_text(self.tokenizer.encode(texts)).numpy()
+
+
+mlflow.models.set_model(MaskCLIPModel())
+'''
+
+
+def save_pyfunc(checkpoint_dir: str, dest: str) -> str:
+    """Write an MLflow pyfunc model folder at `dest` around a checkpoint folder. What MLflow
+    stores: MLmodel, the code file above (models from code: no cloudpickle), requirements,
+    and the checkpoint folder itself under artifacts/checkpoint (model.safetensors,
+    tokenizer.json, job.yaml, meta.json). `mlflow.pyfunc.load_model(uri)` opens it in one call;
+    `.unwrap_python_model().model` is the MaskCLIP module, and
+    `maskclip.checkpoint.load(<download>/artifacts/checkpoint)` works without MLflow."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "caption")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+    )
+    with tempfile.TemporaryDirectory() as d:
+        code = Path(d) / "maskclip_pyfunc.py"
+        code.write_text(_PYFUNC_CODE)
+        if Path(checkpoint_dir).name != "checkpoint":  # MLflow keeps the folder's own name
+            import shutil
+
+            checkpoint_dir = str(shutil.copytree(checkpoint_dir, Path(d) / "checkpoint"))
+        mlflow.pyfunc.save_model(
+            dest,
+            python_model=str(code),
+            artifacts={"checkpoint": checkpoint_dir},
+            signature=signature,
+            pip_requirements=["maskclip-service"],
+        )
+    return dest
+
+
+def log_checkpoint_model(
+    uri: str | None,
+    run_id: str | None,
+    checkpoint_dir: str,
+    step: int,
+    metrics: dict[str, float] | None = None,
+    name: str = "maskclip",
+) -> str | None:
+    """Log a model-only checkpoint folder as an MLflow 3 LoggedModel of the run: an output of
+    the run at `step`, its metrics linked to it (`metrics` given), status READY once the files
+    are up. Returns the model id, or None (MLflow down: one warning, training goes on)."""
+    if not (uri and run_id):
+        return None
+    import tempfile
+    import time
+    from pathlib import Path
+
+    try:
+        from mlflow.entities import LoggedModelOutput, Metric
+
+        client = _client(uri)
+        run = client.get_run(run_id)
+        model = client.create_logged_model(
+            run.info.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            params={"step": str(step)},
+            tags={"maskclip.step": str(step)},
+            model_type="maskclip",
+        )
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                folder = save_pyfunc(checkpoint_dir, str(Path(d) / "model"))
+                client.log_model_artifacts(model.model_id, folder)
+        except Exception:
+            client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(model.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        if metrics:
+            ts = int(time.time() * 1000)
+            points = [
+                Metric(metric_name(k), float(v), ts, step, model_id=model.model_id)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
+            client.log_batch(run_id, metrics=points)
+        return model.model_id
+    except Exception as e:  # noqa: BLE001 - tracking never stops training
+        print(
+            f"warning: checkpoint at step {step} not logged as an MLflow model "
+            f"({type(e).__name__}: {str(e)[:120]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
+def best_model(
+    uri: str, run_ids: list[str], metric: str, mode: str = "min"
+) -> tuple[str, float] | None:
+    """(model id, value) of the READY logged model of these runs with the best linked `metric`."""
+    client = _client(uri)
+    run = client.get_run(run_ids[0])
+    found = []
+    token = None
+    while True:
+        page = client.search_logged_models(
+            [run.info.experiment_id], max_results=100, page_token=token
+        )
+        found += [m for m in page if m.source_run_id in run_ids and str(m.status) == "READY"]
+        token = page.token
+        if not token:
+            break
+    scored = []
+    for m in found:
+        values = [x.value for x in (m.metrics or []) if x.key == metric_name(metric)]
+        if values:
+            scored.append((values[-1], m.model_id))
+    if not scored:
+        return None
+    value, model_id = (min if mode == "min" else max)(scored)
+    return model_id, value
+
+
+def register_best(
+    uri: str | None,
+    run_ids: list[str],
+    registered_name: str,
+    metric: str,
+    mode: str = "min",
+    alias: str = "champion",
+) -> str | None:
+    """Register the best checkpoint model of these runs (one run, or a sweep's trials) as a new
+    version of `registered_name` and point `alias` at it: `maskclip eval
+    models:/<name>@champion`. Returns "name@alias", or None (nothing to register, or MLflow
+    down: one warning)."""
+    if not (uri and run_ids):
+        return None
+    try:
+        best = best_model(uri, run_ids, metric, mode)
+        if best is None:
+            return None
+        model_id, value = best
+        client = _client(uri)
+        model = client.get_logged_model(model_id)
+        try:
+            client.get_registered_model(registered_name)
+        except Exception:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST
+            client.create_registered_model(registered_name)
+        version = client.create_model_version(
+            registered_name,
+            source=f"models:/{model_id}",
+            run_id=model.source_run_id,
+            model_id=model_id,
+            tags={metric_name(metric): str(value)},
+        )
+        client.set_registered_model_alias(registered_name, alias, version.version)
+        return f"{registered_name}@{alias}"
+    except Exception as e:  # noqa: BLE001 - tracking never stops training
+        print(
+            f"warning: best model not registered in MLflow ({type(e).__name__}: {str(e)[:120]})",
             file=sys.stderr,
         )
         return None
@@ -224,6 +482,13 @@ class Tracker:
 
     def set_tag(self, key: str, value: str) -> None:
         self._guarded("tagging", "set_tag", key, value)
+
+    def log_model(self, checkpoint_dir: str, step: int, metrics: dict | None = None) -> str | None:
+        """`log_checkpoint_model` into this run; skipped (None) while the server is failing, so
+        a down server costs a checkpoint no upload timeouts."""
+        if not self.enabled or self._warned:
+            return None
+        return log_checkpoint_model(self.uri, self.run_id, checkpoint_dir, step, metrics)
 
     def finish(self) -> None:
         """Send what is buffered, waiting at most `end_timeout_s`; then report, in one line,
