@@ -249,7 +249,9 @@ def _resolve_mlflow(
 def _version_model_id(version) -> str | None:
     """The logged model behind a registry version (its model_id, or a models:/<id> source)."""
     source = version.source or ""
-    return version.model_id or (source[len("models:/") :] if source.startswith("models:/") else None)
+    return version.model_id or (
+        source[len("models:/") :] if source.startswith("models:/") else None
+    )
 
 
 def _resolve_registered(ref: str, tracking_uri: str | None) -> Resolved:
@@ -316,7 +318,10 @@ def _resolve(
     if ref.startswith("file://"):
         ref = ref[len("file://") :]
     elif "://" in ref:
-        raise UserError(f"{ref}: unsupported scheme (use a path, s3://, runs:/<id>, models:/<name>@<alias> or a run id)")
+        raise UserError(
+            f"{ref}: unsupported scheme "
+            "(use a path, s3://, runs:/<id>, models:/<name>@<alias> or a run id)"
+        )
     if Path(ref).expanduser().exists():
         return _resolve_local(ref, endpoint_url)
     if _RUN_ID.match(ref):
