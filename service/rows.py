@@ -6,6 +6,11 @@ dataset tools (service.datasets) and evaluation.
 
 Each check returns (value, None) for a usable value or (None, reason). A row is dropped for its
 first bad value, checked caption -> label -> image bytes -> decode -> transform (cheap first).
+
+Rows that were never downloaded are not bad rows: img2dataset keeps a failed download as a row
+with a null image and a `status` column saying why (often 10-30% of a crawl). Where a source has
+that column, `not_downloaded(status, image)` picks them out first; they are counted on their
+own and never toward data.max_bad_fraction.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ R_TRANSFORM = "transform failed"
 
 _BYTES = (bytes, bytearray, memoryview)
 
+STATUS_COLUMN = "status"
+"""img2dataset's per-row download status: "success", "failed_to_download", "failed_to_resize"."""
+STATUS_OK = "success"
+
 
 def _text(value: Any, missing: str, bad_utf8: str) -> tuple[str | None, str | None]:
     if value is None:
@@ -42,6 +51,16 @@ def _text(value: Any, missing: str, bad_utf8: str) -> tuple[str | None, str | No
             return None, missing
         value = str(value)
     return value.strip(), None
+
+
+def not_downloaded(status: Any, image: Any) -> bool:
+    """For a source with a STATUS_COLUMN: True when the row is a failed download, not data: its
+    status is set and is not "success", or its status is null and so is its image. A "success"
+    row whose image is null or unreadable stays a bad row (the shard is damaged)."""
+    text, _ = _text(status, "", "")
+    if text:
+        return text != STATUS_OK
+    return image is None
 
 
 def clean_caption(value: Any, max_chars: int | None = None) -> tuple[str | None, str | None]:

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import DataError, UserError
+from .rows import STATUS_COLUMN
 
 if TYPE_CHECKING:
     from .spec import StorageSection
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 S3_MAX_ATTEMPTS = 10
 _GLOB_CHARS = "*?["
 _PARQUET = (".parquet", ".pq")
+SPLIT_NAMES = frozenset(
+    {"train", "training", "val", "valid", "validation", "test", "eval", "dev", "holdout"}
+)
+"""Folder names that mark a dataset split (`maskclip data synth --val-rows` writes train/, val/)."""
 
 
 # ---------------------------------------------------------------- filesystems and URIs
@@ -253,7 +258,27 @@ def _list(fs: pafs.FileSystem, path: str, uri: str, field: str) -> list[str]:
     ]
     if not files and not infos and fs.get_file_info(path).type == pafs.FileType.File:
         return [path]
+    _refuse_nested_splits(files, path, uri, field)
     return sorted(files)
+
+
+def _refuse_nested_splits(files: list[str], path: str, uri: str, field: str) -> None:
+    """A folder is one split: one that holds split folders (train/, val/, ...) below it is
+    refused rather than read whole, which would train on the validation rows. Globs are the
+    user's explicit choice and are not checked."""
+    found: dict[str, str] = {}
+    for f in files:
+        folders = _below(f, path).split("/")[:-1]
+        for i, name in enumerate(folders):
+            if name.lower() in SPLIT_NAMES:
+                found.setdefault("/".join(folders[: i + 1]) + "/", f)
+                break
+    if found:
+        names = sorted(found)
+        raise DataError(
+            f"{field}: {uri!r} holds the split folders {', '.join(names)}; point {field} at one "
+            f"of them (e.g. {uri.rstrip('/')}/{names[0]}), not at the folder above them"
+        )
 
 
 @dataclasses.dataclass
@@ -273,6 +298,17 @@ class Source:
     @property
     def columns(self) -> list[str]:
         return list(self.schema.names)
+
+    def summary(self) -> str:
+        """One line: what this source reads (files, rows from the footers, columns)."""
+        n = len(self.paths)
+        line = (
+            f"{self.field}: {self.uri}: {n} Parquet file{'s' if n != 1 else ''}, "
+            f"{self.num_rows()} rows; columns: {', '.join(self.columns)}"
+        )
+        if STATUS_COLUMN in self.columns:
+            line += " (failed downloads by 'status' are skipped, not counted as bad)"
+        return line
 
     def display(self, path: str) -> str:
         return display(path, self.filesystem)

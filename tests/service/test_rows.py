@@ -91,3 +91,22 @@ def test_clean_row_order_and_transform():
         raise RuntimeError("boom")
 
     assert R.clean_row(_png(), "ok", transform=broken, **kw) == (None, R.R_TRANSFORM)
+
+
+@pytest.mark.parametrize(
+    "status, image, want",
+    [
+        ("success", b"jpg", False),
+        ("success", None, False),  # a damaged shard: a bad row (missing image), not a failure
+        ("failed_to_download", None, True),
+        ("failed_to_resize", b"jpg", True),
+        (b"failed_to_download", None, True),
+        (" success ", b"jpg", False),
+        (None, None, True),  # no status, no image: the download failed
+        (None, b"jpg", False),  # no status, an image: decode it
+        (float("nan"), None, True),
+        ("", b"jpg", False),
+    ],
+)
+def test_not_downloaded_follows_img2dataset_status(status, image, want):
+    assert R.not_downloaded(status, image) is want

@@ -161,6 +161,50 @@ def test_markers_hidden_files_and_globs(tmp_path, synth_parquet):
     assert S.resolve_source(str(folder / "b" / "shard-0000[02].parquet")).paths == [b[0], b[2]]
 
 
+def test_a_folder_with_split_folders_below_is_refused_not_read_whole(tmp_path, synth_parquet):
+    """`maskclip data synth --val-rows` writes out/train and out/val: data.train pointing at
+    `out` would train on the validation rows. One line naming the split folders instead."""
+    folder = tmp_path / "shapes"
+    shutil.copytree(synth_parquet, folder / "train")
+    shutil.copytree(synth_parquet, folder / "val")
+    with pytest.raises(DataError) as e:
+        S.resolve_source(str(folder), field="data.train")
+    assert str(e.value) == (
+        f"data.train: '{folder}' holds the split folders train/, val/; point data.train at one "
+        f"of them (e.g. {folder}/train/), not at the folder above them"
+    )
+    assert len(S.resolve_source(str(folder / "train")).paths) == 3
+    # shards at the top next to a nested split, deeper splits and other names for them
+    shutil.copy(folder / "train" / "shard-00000.parquet", folder / "top.parquet")
+    shutil.rmtree(folder / "train")
+    with pytest.raises(DataError, match=r"holds the split folders val/; point"):
+        S.resolve_source(str(folder))
+    shutil.move(folder / "val", folder / "v1" / "Validation")
+    with pytest.raises(DataError, match=r"holds the split folders v1/Validation/; point"):
+        S.resolve_source(str(folder))
+    # other subfolders are read (sharded writers nest by part); a glob is taken as written
+    shutil.move(folder / "v1" / "Validation", folder / "part-1")
+    assert len(S.resolve_source(str(folder)).paths) == 4
+    shutil.move(folder / "part-1", folder / "val")
+    assert len(S.resolve_source(str(folder / "**" / "*.parquet")).paths) == 4
+
+
+def test_summary_says_what_is_read(synth_parquet, tmp_path):
+    assert S.resolve_source(synth_parquet, field="data.train").summary() == (
+        f"data.train: {synth_parquet}: 3 Parquet files, {SYNTH_ROWS} rows; "
+        "columns: key, jpg, caption, label"
+    )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"jpg": [b"x", None], "caption": ["a", "b"], "status": ["success", "x"]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    assert S.resolve_source(str(tmp_path / "00000.parquet"), field="data.val").summary() == (
+        f"data.val: {tmp_path}/00000.parquet: 1 Parquet file, 2 rows; columns: jpg, caption, "
+        "status (failed downloads by 'status' are skipped, not counted as bad)"
+    )
+
+
 def test_local_errors_are_one_line(tmp_path, synth_parquet):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
