@@ -23,22 +23,38 @@ class RunControl:
     def __init__(self) -> None:
         self.rows_seen = 0
         self.rows_bad = 0
+        self.rows_not_downloaded = 0  # img2dataset's failed downloads: not data, not bad
         self.reasons: dict[str, int] = {}
         self.stop_reason: StopReason | None = None
         self.detail = ""
 
     # --- data statistics
-    def add(self, total: int, bad: int, reasons: dict[str, int] | None = None) -> None:
+    def add(
+        self,
+        total: int,
+        bad: int,
+        reasons: dict[str, int] | None = None,
+        not_downloaded: int = 0,
+    ) -> None:
+        """`total` rows read, of which `bad` could not be used and `not_downloaded` were failed
+        downloads (service.rows.not_downloaded; not among the bad)."""
         self.rows_seen += total
         self.rows_bad += bad
+        self.rows_not_downloaded += not_downloaded
         for k, v in (reasons or {}).items():
             self.reasons[k] = self.reasons.get(k, 0) + v
 
     def get(self) -> dict:
-        return {"rows_seen": self.rows_seen, "rows_bad": self.rows_bad, "bad_reasons": self.reasons}
+        return {
+            "rows_seen": self.rows_seen,
+            "rows_bad": self.rows_bad,
+            "rows_not_downloaded": self.rows_not_downloaded,
+            "bad_reasons": self.reasons,
+        }
 
     def too_many_bad(self, max_bad_fraction: float) -> bool:
-        seen = self.rows_seen
+        """Judged on the downloaded rows only: failed downloads never count."""
+        seen = self.rows_seen - self.rows_not_downloaded
         return seen >= MIN_ROWS_FOR_BAD_FRACTION and self.rows_bad / seen > max_bad_fraction
 
     # --- stopping
@@ -67,10 +83,13 @@ def bad_rows_message(stats: dict, max_bad_fraction: float) -> str:
     """One line: how many rows could not be used, by reason, against the allowed fraction."""
     reasons = sorted(stats["bad_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
     detail = ", ".join(f"{k}: {v}" for k, v in reasons)
-    pct = 100 * stats["rows_bad"] / max(1, stats["rows_seen"])
+    missing = stats.get("rows_not_downloaded", 0)
+    seen = stats["rows_seen"] - missing
+    pct = 100 * stats["rows_bad"] / max(1, seen)
+    rows = f"{seen} downloaded rows" if missing else f"{seen} rows"
     return (
-        f"data.train: {stats['rows_bad']} of {stats['rows_seen']} rows ({pct:.1f}%) could not "
-        f"be used ({detail}); data.max_bad_fraction is {max_bad_fraction:g}"
+        f"data.train: {stats['rows_bad']} of {rows} ({pct:.1f}%) could not be used ({detail}); "
+        f"data.max_bad_fraction is {max_bad_fraction:g}"
     )
 
 
@@ -82,7 +101,7 @@ class StopWatcher:
     def __init__(self, control, max_bad_fraction: float):
         self.control = control
         self.max_bad_fraction = max_bad_fraction
-        self.stats = {"rows_seen": 0, "rows_bad": 0, "bad_reasons": {}}
+        self.stats = {"rows_seen": 0, "rows_bad": 0, "rows_not_downloaded": 0, "bad_reasons": {}}
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maskclip-stop-watcher", daemon=True)

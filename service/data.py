@@ -35,9 +35,11 @@ READ_NUM_CPUS = 0.25
 READ_ROWS_PER_BLOCK = 256
 """Rows per Arrow block coming out of a read task (raw image bytes: a few MB)."""
 MAP_NUM_CPUS = 0.5
-"""CPUs per decode/transform task (training workers take 0.5 each on a 2-core machine)."""
-MAP_CONCURRENCY = 2
-"""At most this many decode/transform tasks at once."""
+"""CPUs per decode/transform task while Ray Data has under one CPU per training worker (training
+workers take 0.5 each on a 2-core machine); with more, a task takes a whole CPU (it decodes on
+one thread)."""
+MIN_DECODE_TASKS = 2
+"""Decode tasks allowed at once, at least: what a 2-core laptop (1 worker, 0.5 + 0.5 CPU) ran."""
 TARGET_BATCH_BYTES = 32 << 20
 """Decoded float32 images per map batch are kept near this size (64..256 rows)."""
 
@@ -81,6 +83,7 @@ class DecodeBatch:
         max_caption_chars: int,
         stats_actor_name: str | None,
         keep_caption: bool,
+        status_column: str | None = None,
     ):
         import torch
 
@@ -93,6 +96,7 @@ class DecodeBatch:
         self.image_column = image_column
         self.caption_column = caption_column
         self.label_column = label_column
+        self.status_column = status_column
         self.tokenizer = Tokenizer.from_json(tokenizer_json)
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
         self.image_size = image_size
@@ -122,12 +126,17 @@ class DecodeBatch:
         images_in = batch[self.image_column]
         captions_in = batch[self.caption_column]
         labels_in = batch[self.label_column] if self.label_column else None
+        status_in = batch[self.status_column] if self.status_column else None
         n = len(images_in)
         images: list[np.ndarray] = []
         captions: list[str] = []
         labels: list[str] = []
         reasons: dict[str, int] = {}
+        missing = 0
         for i in range(n):
+            if status_in is not None and rows.not_downloaded(status_in[i], images_in[i]):
+                missing += 1
+                continue
             row, why = rows.clean_row(
                 images_in[i],
                 captions_in[i],
@@ -144,10 +153,10 @@ class DecodeBatch:
             captions.append(row.caption)
             if labels_in is not None:
                 labels.append(row.label)
-        bad = n - len(images)
+        bad = n - missing - len(images)
         stats = self._stats_actor()
         if stats is not None:
-            stats.add.remote(n, bad, reasons)  # fire and forget
+            stats.add.remote(n, bad, reasons, missing)  # fire and forget
         if not images:  # an all-bad batch yields nothing (an empty tensor block would not concat)
             return
         out = {
@@ -229,6 +238,20 @@ def map_batch_size(image_size: int) -> int:
     return int(min(256, max(64, TARGET_BATCH_BYTES // per_row)))
 
 
+def decode_plan(spec: JobSpec) -> tuple[int, float]:
+    """(decode tasks at once, CPUs per decode task): the CPUs the spec keeps for Ray Data
+    (scaling.num_workers x data_cpus_per_worker, which `maskclip run` checks the cluster has
+    and `maskclip render` gives the pods) filled with single-threaded decode tasks, at least
+    MIN_DECODE_TASKS. A 2-core laptop (1 worker, 0.5 data CPUs) keeps 2 tasks of 0.5 CPU;
+    jobs/s3.yaml (4 workers x 6) runs 24 tasks of 1 CPU. Ray Data starts fewer when the
+    cluster has fewer free CPUs, and backpressure (trainer.ingest_options) holds them back when
+    decoding runs ahead of training."""
+    s = spec.scaling
+    data_cpus = s.num_workers * s.data_cpus()
+    per_task = MAP_NUM_CPUS if s.data_cpus() < 1 else 1.0
+    return max(MIN_DECODE_TASKS, int(data_cpus / per_task + 1e-9)), per_task
+
+
 def build_dataset(
     source: Source, spec: JobSpec, split: str, tokenizer_json: str, stats_actor_name: str | None
 ) -> ray.data.Dataset:
@@ -237,7 +260,8 @@ def build_dataset(
     "train": random-resized-crop; file order shuffled per epoch when data.shuffle (rows are
     shuffled further by the consumer's local_shuffle_buffer_size). "val": resize + centre crop,
     plus "label" (if the column exists; a row without one is bad) and "caption". Dropped rows are
-    counted in the control actor named `stats_actor_name` (if any).
+    counted in the control actor named `stats_actor_name` (if any); with img2dataset's status
+    column, failed downloads are dropped and counted apart (service.rows.not_downloaded).
     """
     import ray
     import ray.data
@@ -250,7 +274,10 @@ def build_dataset(
     d = spec.data
     source.require([d.image_column, d.caption_column])
     label_column = d.label_column if split == "val" and d.label_column in source.columns else None
-    columns = [d.image_column, d.caption_column] + ([label_column] if label_column else [])
+    status_column = rows.STATUS_COLUMN if rows.STATUS_COLUMN in source.columns else None
+    columns = [d.image_column, d.caption_column]
+    columns += [c for c in (label_column, status_column) if c and c not in columns]
+    tasks, task_cpus = decode_plan(spec)
     ds = read_parquet_stream(
         source, columns, shuffle_seed=spec.run.seed if split == "train" and d.shuffle else None
     )
@@ -267,12 +294,13 @@ def build_dataset(
             "max_caption_chars": d.max_caption_chars,
             "stats_actor_name": stats_actor_name,
             "keep_caption": split == "val",
+            "status_column": status_column,
         },
         batch_size=map_batch_size(spec.image_size),
         batch_format="numpy",
         zero_copy_batch=True,
-        compute=ray.data.TaskPoolStrategy(size=MAP_CONCURRENCY),
-        num_cpus=MAP_NUM_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
+        num_cpus=task_cpus,
     )
 
 

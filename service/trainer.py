@@ -179,6 +179,8 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
     val = resolve_source(spec.data.val, spec.storage, "data.val") if spec.data.val else None
     if val is not None:
         val.require(columns)
+    for source in (train, val) if val is not None else (train,):
+        print(source.summary(), flush=True)  # what is read: shards, rows, columns
     storage_path, fs, storage_uri = where
     if fresh:
         moved = ckpt.set_aside(storage_path, spec.run.name, fs)
@@ -294,7 +296,11 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
     if uri and run_id:
         tracker = Tracker(uri, run_id)
         tracker.log_metrics(
-            {"data_rows_seen": stats["rows_seen"], "data_rows_bad": stats["rows_bad"]},
+            {
+                "data_rows_seen": stats["rows_seen"],
+                "data_rows_bad": stats["rows_bad"],
+                "data_rows_not_downloaded": stats["rows_not_downloaded"],
+            },
             int(final.get("step", steps)),
         )
         failed = reason in (StopReason.NONFINITE, StopReason.DATA)
@@ -304,7 +310,7 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
     print(
         f"\nrun {spec.run.name}: step {final.get('step', '?')}/{steps}, "
         f"loss {final.get('loss', float('nan')):.4f}, data rows {stats['rows_seen']} "
-        f"({stats['rows_bad']} skipped)"
+        f"({stats['rows_bad']} skipped, {stats['rows_not_downloaded']} not downloaded)"
     )
     if final.get("restored_from", -1) >= 0:
         print(f"  (a worker restart resumed from the checkpoint at step {final['restored_from']})")

@@ -159,6 +159,7 @@ def test_run_control_decides_when_too_many_rows_are_bad():
     assert stats == {
         "rows_seen": 120,
         "rows_bad": 37,
+        "rows_not_downloaded": 0,
         "bad_reasons": {"empty caption": 7, "corrupt image": 30},
     }
     assert control.too_many_bad(0.05) and not control.too_many_bad(0.5)
@@ -173,6 +174,22 @@ def test_run_control_decides_when_too_many_rows_are_bad():
     one = RunControl()
     one.add(MIN_ROWS_FOR_BAD_FRACTION, 1, {"x": 1})
     assert one.too_many_bad(0.01) and not one.too_many_bad(0.02)
+
+
+def test_failed_downloads_never_count_toward_max_bad_fraction():
+    """A crawl where 30% of the downloads failed and 4% of the rest are bad: within 0.05."""
+    control = RunControl()
+    control.add(1000, 28, {"corrupt image": 28}, 300)
+    stats = control.get()
+    assert stats["rows_not_downloaded"] == 300 and stats["rows_bad"] == 28
+    assert not control.too_many_bad(0.05) and control.too_many_bad(0.03)  # 28 / 700 = 4%
+    assert bad_rows_message(stats, 0.03) == (
+        "data.train: 28 of 700 downloaded rows (4.0%) could not be used (corrupt image: 28); "
+        "data.max_bad_fraction is 0.03"
+    )
+    only_failed = RunControl()
+    only_failed.add(MIN_ROWS_FOR_BAD_FRACTION + 10, 0, {}, MIN_ROWS_FOR_BAD_FRACTION)
+    assert not only_failed.too_many_bad(0.0)  # 10 downloaded rows: too few to judge
 
 
 # ---------------------------------------------------------------- decoding (in-process)
@@ -217,6 +234,97 @@ def test_decode_batch_reasons_without_ray(tokenizer):
     assert list(dec(only_bad)) == []
 
 
+def _img2dataset_records(n: int, broken=(5, 25)) -> list[dict]:
+    """img2dataset-style rows: key, jpg, caption, status, error_message; 3 in every 10 rows
+    are failed downloads (null jpg, status failed_to_download); the rows at `broken` were
+    downloaded but hold an unreadable image: bad rows, not failed downloads."""
+    out = []
+    for i, r in enumerate(generate(n, image_size=16, seed=3)):
+        failed = i % 10 in (0, 3, 7)
+        out.append(
+            {
+                "key": f"{i:09d}",
+                "jpg": None if failed else (b"\xff\xd8 broken" if i in broken else r["jpg"]),
+                "caption": r["caption"],
+                "status": "failed_to_download" if failed else "success",
+                "error_message": "HTTP Error 404: Not Found" if failed else None,
+            }
+        )
+    return out
+
+
+def _write_img2dataset(records: list[dict], folder, rows_per_shard: int) -> None:
+    """Shards named as img2dataset names them (00000.parquet, ...), its columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("jpg", pa.binary()),
+            ("caption", pa.string()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+        ]
+    )
+    for k in range(0, len(records), rows_per_shard):
+        table = pa.Table.from_pylist(records[k : k + rows_per_shard], schema=schema)
+        pq.write_table(table, folder / f"{k // rows_per_shard:05d}.parquet")
+
+
+def test_decode_batch_skips_failed_downloads_and_counts_them_apart(tokenizer):
+    records = _img2dataset_records(40)
+    batch = {c: np.array([r[c] for r in records], dtype=object) for c in ("jpg", "caption")}
+    batch["status"] = np.array([r["status"] for r in records], dtype=object)
+    calls = []
+
+    class Stats:  # stands in for the control actor's handle: records what is sent
+        class add:  # noqa: N801
+            @staticmethod
+            def remote(*args):
+                calls.append(args)
+
+    kwargs = dict(
+        image_column="jpg",
+        caption_column="caption",
+        label_column=None,
+        tokenizer_json=tokenizer.to_json(),
+        image_size=16,
+        train=True,
+        max_pixels=10_000,
+        max_caption_chars=50,
+        stats_actor_name="unused",
+        keep_caption=False,
+    )
+    dec = D.DecodeBatch(status_column="status", **kwargs)
+    dec._stats, dec._stats_at = Stats, time.monotonic()
+    (out,) = list(dec(batch))
+    assert len(out["image"]) == 40 - 12 - 2  # 12 failed downloads, 2 broken images
+    assert calls == [(40, 2, {R.R_CORRUPT_IMAGE: 2}, 12)]
+    # the same rows without the status column: every failed download is a bad row
+    calls.clear()
+    plain = D.DecodeBatch(**kwargs)
+    plain._stats, plain._stats_at = Stats, time.monotonic()
+    list(plain({k: v for k, v in batch.items() if k != "status"}))
+    assert calls == [(40, 14, {R.R_MISSING_IMAGE: 12, R.R_CORRUPT_IMAGE: 2}, 0)]
+
+
+@pytest.mark.parametrize(
+    "scaling, plan",
+    [
+        ({}, (2, 0.5)),  # a 2-core laptop: 1 worker, 0.5 CPU for data
+        ({"num_workers": 2}, (2, 0.5)),
+        ({"num_workers": 3, "data_cpus_per_worker": 0.5}, (3, 0.5)),
+        ({"use_gpu": True, "num_workers": 4}, (24, 1.0)),  # 6 per GPU by default
+        ({"use_gpu": True, "num_workers": 4, "data_cpus_per_worker": 6}, (24, 1.0)),  # s3.yaml
+        ({"num_workers": 2, "data_cpus_per_worker": 2.5}, (5, 1.0)),
+    ],
+)
+def test_decode_tasks_scale_with_the_cpus_kept_for_data(make_spec, scaling, plan):
+    assert D.decode_plan(make_spec(scaling=scaling)) == plan
+
+
 # ---------------------------------------------------------------- Ray Data
 
 
@@ -237,7 +345,12 @@ def test_build_dataset_local_shapes_and_streaming(ray_local, make_spec, tokenize
         n += len(b["image"])
     assert n == SYNTH_ROWS
     stats = _wait_stats(actor, SYNTH_ROWS)
-    assert stats == {"rows_seen": SYNTH_ROWS, "rows_bad": 0, "bad_reasons": {}}
+    assert stats == {
+        "rows_seen": SYNTH_ROWS,
+        "rows_bad": 0,
+        "rows_not_downloaded": 0,
+        "bad_reasons": {},
+    }
     # A second pass (epoch) streams again through the same lazy dataset.
     assert sum(len(b["tokens"]) for b in ds.iter_batches(batch_size=32)) == SYNTH_ROWS
 
@@ -276,7 +389,12 @@ def test_build_dataset_drops_and_counts_bad_rows(ray_local, tmp_path, make_spec,
     n_bad = sum(expected.values())
     assert n == len(records) - n_bad
     stats = _wait_stats(actor, len(records))
-    assert stats == {"rows_seen": len(records), "rows_bad": n_bad, "bad_reasons": expected}
+    assert stats == {
+        "rows_seen": len(records),
+        "rows_bad": n_bad,
+        "rows_not_downloaded": 0,
+        "bad_reasons": expected,
+    }
     assert ray.get(actor.too_many_bad.remote(spec.data.max_bad_fraction)) is False  # 33 < 50
     assert bad_rows_message(stats, 0.1).startswith(
         "data.train: 7 of 33 rows (21.2%) could not be used"
@@ -311,3 +429,51 @@ def test_datasets_carry_the_pacing_callback(ray_local, make_spec, tokenizer):
     ds = D.build_dataset(resolve_source(spec.data.train), spec, "train", tokenizer.to_json(), None)
     assert PaceIdleLoop in ds.context.custom_execution_callback_classes
     assert PaceIdleLoop in ds.context.execution_callback_classes
+
+
+def test_a_crawl_with_30_percent_failed_downloads_trains_and_says_so(ray_local, tmp_path, capsys):
+    """img2dataset output as it is: 30% of the rows failed to download (null jpg, status
+    failed_to_download), 2 of the others are broken images. With the default
+    data.max_bad_fraction 0.05 the run finishes; the summary and MLflow count the failures
+    as not downloaded, apart from the bad rows; the first lines say what was read."""
+    import re
+
+    import mlflow
+    import yaml
+
+    from service.cli import main
+
+    # 30 failed downloads: 30% of all rows would stop the run if they counted as bad rows;
+    # one broken image among the 70 downloaded ones (1.4%) is within 0.05
+    records = _img2dataset_records(100, broken=(5,))
+    _write_img2dataset(records, tmp_path / "crawl", rows_per_shard=20)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = {
+        "run": {"name": "crawl", "output_dir": str(tmp_path / "runs")},
+        "model": {"size": "maskclip_nano", "vocab_size": 300},
+        "data": {"train": str(tmp_path / "crawl"), "shuffle": False},
+        "optim": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "log_every": 1},
+        "checkpoint": {"every_steps": 3},
+        "tracking": {"tracking_uri": db, "experiment": "crawl"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["run", str(path)]) == 0
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    assert (
+        f"data.train: {tmp_path / 'crawl'}: 5 Parquet files, 100 rows; columns: key, jpg, "
+        "caption, status, error_message (failed downloads by 'status' are skipped, not counted "
+        "as bad)"
+    ) in lines
+    (line,) = [ln for ln in lines if ln.startswith("run crawl: step 3/3")]
+    seen, bad, missing = map(
+        int, re.search(r"data rows (\d+) \((\d+) skipped, (\d+) not downloaded\)", line).groups()
+    )
+    # rows are read whole epochs at a time here (100 rows < one decode batch), 30% failed
+    assert seen % 100 == 0 and seen > 0, line
+    assert (bad, missing) == (seen // 100, 30 * seen // 100), line
+    run_id = next(ln.split(": ", 1)[1] for ln in lines if ln.startswith("mlflow run: "))
+    metrics = mlflow.MlflowClient(db).get_run(run_id).data.metrics
+    assert metrics["data_rows_not_downloaded"] == missing
+    assert metrics["data_rows_bad"] == bad
