@@ -671,7 +671,8 @@ def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
     """In-loop validation on `data.val` (read with pyarrow, not Ray Data): zero-shot when it has
     the label column, and retrieval, with the spec's templates and columns. The same call as
     `maskclip eval CKPT --zero-shot VAL --retrieval VAL` on the saved model. Metrics are prefixed
-    `val_`; {} without data.val."""
+    `val_` and named as in MLflow and sweep.metric (`val_image_to_text_R1`); {} without data.val.
+    """
     if spec.data.val is None:
         return {}
     source = _source(spec.data.val, "data.val", spec.storage, None)
@@ -686,7 +687,9 @@ def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
         columns=Columns.of(spec.data),
         storage=spec.storage,
     )
-    return {f"val_{k}": v for k, v in result.metrics.items()}
+    from .tracking import metric_name  # one name in the spec, Tune and MLflow: R@1 -> R1
+
+    return {f"val_{metric_name(k)}": v for k, v in result.metrics.items()}
 
 
 def read_templates(value: str | list[str] | None) -> str | list[str] | None:

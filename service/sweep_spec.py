@@ -38,12 +38,12 @@ TRAIN_METRICS = ("loss",)
 VAL_METRICS = (
     "val_zero_shot_top1",
     "val_zero_shot_top5",
-    "val_image_to_text_R@1",
-    "val_image_to_text_R@5",
-    "val_image_to_text_R@10",
-    "val_text_to_image_R@1",
-    "val_text_to_image_R@5",
-    "val_text_to_image_R@10",
+    "val_image_to_text_R1",
+    "val_image_to_text_R5",
+    "val_image_to_text_R10",
+    "val_text_to_image_R1",
+    "val_text_to_image_R5",
+    "val_text_to_image_R10",
 )
 #: Room for "-<trial id>" ("-a1b2c_00000") in the 63-character run name.
 TRIAL_SUFFIX_LEN = 12

@@ -279,10 +279,16 @@ def log_checkpoint_model(
         return None
 
 
+#: What ranks a plain run's checkpoints when no sweep metric is given: the first of these
+#: that the checkpoints carry (zero-shot needs labelled data.val, retrieval any data.val).
+RANKING = ("val_zero_shot_top1", "val_image_to_text_R1", "loss")
+
+
 def best_model(
-    uri: str, run_ids: list[str], metric: str, mode: str = "min"
+    uri: str, run_ids: list[str], metric: str | None, mode: str | None = None
 ) -> tuple[str, float] | None:
-    """(model id, value) of the READY logged model of these runs with the best linked `metric`."""
+    """(model id, value) of the READY logged model of these runs with the best linked `metric`
+    (None: the first of RANKING the models carry); mode: min/max, default min for losses."""
     client = _client(uri)
     run = client.get_run(run_ids[0])
     found = []
@@ -295,10 +301,16 @@ def best_model(
         token = page.token
         if not token:
             break
+    carried = {x.key for m in found for x in (m.metrics or [])}
+    if metric is None:
+        metric = next((k for k in RANKING if k in carried), None)
+        if metric is None:
+            return None
+    mode = mode or ("min" if "loss" in metric else "max")
     scored = []
     for m in found:
         values = [x.value for x in (m.metrics or []) if x.key == metric_name(metric)]
-        if values:
+        if values and values[-1] == values[-1]:  # NaN never wins
             scored.append((values[-1], m.model_id))
     if not scored:
         return None
@@ -310,8 +322,8 @@ def register_best(
     uri: str | None,
     run_ids: list[str],
     registered_name: str,
-    metric: str,
-    mode: str = "min",
+    metric: str | None = None,
+    mode: str | None = None,
     alias: str = "champion",
 ) -> str | None:
     """Register the best checkpoint model of these runs (one run, or a sweep's trials) as a new
@@ -336,7 +348,7 @@ def register_best(
             source=f"models:/{model_id}",
             run_id=model.source_run_id,
             model_id=model_id,
-            tags={metric_name(metric): str(value)},
+            tags={"maskclip.ranked_by": str(metric or "default"), "maskclip.value": str(value)},
         )
         client.set_registered_model_alias(registered_name, alias, version.version)
         return f"{registered_name}@{alias}"
@@ -374,6 +386,7 @@ class Tracker:
         max_buffer: int = 10000,
         resumed: bool = False,
         end_timeout_s: float = 30.0,
+        system_metrics: bool = False,
     ):
         self.uri, self.run_id = uri, run_id
         self.enabled = bool(uri and run_id)
@@ -387,6 +400,45 @@ class Tracker:
         self._warned = False
         self._client = _client(uri) if self.enabled else None
         self.logged_up_to = self._last_logged_step() if resumed else -1
+        self._system = self._start_system_metrics(resumed) if system_metrics else None
+
+    def _start_system_metrics(self, resumed: bool):
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network,
+        GPU when present) for this process's machine, sampled every
+        $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (10); off with
+        MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
+        if not self.enabled or os.environ.get(
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", ""
+        ).lower() in ("false", "0"):
+            return None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=resumed, tracking_uri=self.uri
+            )
+            monitor.start()
+            return monitor
+        except Exception as e:  # noqa: BLE001 - e.g. psutil missing
+            self._warn("system metrics", e)
+            return None
+
+    def _finish_system_metrics(self) -> None:
+        """Stop the sampler and send what it collected since its last point, so even a run
+        shorter than one sampling interval has system metrics."""
+        monitor, self._system = self._system, None
+        if monitor is None:
+            return
+        try:
+            monitor._shutdown_event.set()
+            if monitor._process is not None:
+                monitor._process.join(self.end_timeout_s)
+            monitor._process = None
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001
+            self._warn("system metrics", e)
 
     def _last_logged_step(self) -> int:
         """A restarted worker replays the steps after its last checkpoint; those steps were
@@ -496,7 +548,12 @@ class Tracker:
         if not self.enabled:
             return
         result: list[bool] = []
-        sender = threading.Thread(target=lambda: result.append(self.flush()), daemon=True)
+
+        def send() -> None:
+            result.append(self.flush())
+            self._finish_system_metrics()
+
+        sender = threading.Thread(target=send, daemon=True)
         sender.start()
         sender.join(self.end_timeout_s)
         lost = self.dropped + (0 if result and result[0] else self.pending)

@@ -25,7 +25,7 @@ from typing import Any
 from .errors import RunStopped, StopReason, UserError
 from .spec import JobSpec, apply_overrides, build_spec
 from .sweep_spec import SweepSection, override, validate_sweep
-from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, start_run
+from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, register_best, start_run
 
 SWEEP_TAG = "maskclip.sweep"
 EARLY_STOPPED_TAG = "maskclip.early_stopped"
@@ -278,15 +278,46 @@ def reconcile_runs(uri: str, parent: str, rows: list[TrialRow]) -> None:
         if run is None:
             continue
         row.mlflow_run = run.info.run_id
-        tracker = Tracker(uri, run.info.run_id)
-        if row.status == "early_stopped":
-            tracker.set_tag(EARLY_STOPPED_TAG, "true")
-            if row.step is not None:
-                tracker.set_tag("maskclip.stopped_at_step", str(row.step))
-        if run.info.status == "RUNNING":  # the trial's process was stopped before run_job ended
-            tracker.end(
-                {"completed": "FINISHED", "early_stopped": "KILLED"}.get(row.status, "FAILED")
-            )
+        close_trial_run(uri, run, row.status, row.step)
+
+
+def close_trial_run(uri: str, run, status: str, step: int | None) -> None:
+    """Tag an early-stopped trial's run and end it if it is still RUNNING (its process was
+    stopped before run_job could end it). Idempotent: the sweep's end repeats it for all."""
+    tracker = Tracker(uri, run.info.run_id)
+    if status == "early_stopped" and run.data.tags.get(EARLY_STOPPED_TAG) != "true":
+        tracker.set_tag(EARLY_STOPPED_TAG, "true")
+        if step is not None:
+            tracker.set_tag("maskclip.stopped_at_step", str(step))
+    if run.info.status == "RUNNING":
+        tracker.end({"completed": "FINISHED", "early_stopped": "KILLED"}.get(status, "FAILED"))
+
+
+def _trial_runs_closer(uri: str, parent: str, sweep_name: str):
+    """A Tune callback that closes a trial's MLflow run when Tune stops or completes the trial,
+    not only when the whole sweep ends: a sweep that is killed leaves no stopped trial RUNNING.
+    """
+    from ray.tune import Callback
+
+    class TrialRunCloser(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            last = trial.last_result or {}
+            status = "completed" if last.get("final") else "early_stopped"
+            name = f"{sweep_name}-{trial.trial_id}"
+            try:
+                client = _client(uri)
+                exp_id = client.get_run(parent).info.experiment_id
+                found = client.search_runs(
+                    [exp_id],
+                    f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{RUN_KEY_TAG}` = '{name}'",
+                    max_results=1,
+                )
+            except Exception:  # noqa: BLE001 - the sweep's end reconciles again
+                return
+            if found:
+                close_trial_run(uri, found[0], status, last.get("step"))
+
+    return TrialRunCloser()
 
 
 def _fmt(v: Any) -> str:
@@ -429,7 +460,11 @@ def run_sweep(spec: JobSpec):
                 reuse_actors=False,
             ),
             run_config=ray.tune.RunConfig(
-                name=name, storage_path=sweeps_path, storage_filesystem=fs, verbose=1
+                name=name,
+                storage_path=sweeps_path,
+                storage_filesystem=fs,
+                verbose=1,
+                callbacks=[_trial_runs_closer(uri, parent, name)] if uri and parent else None,
             ),
         )
     print(
@@ -475,6 +510,11 @@ def run_sweep(spec: JobSpec):
             tracker.set_tag("maskclip.best_mlflow_run", best.mlflow_run)
             for p, v in best.params.items():
                 tracker.set_tag(f"best.{p}", str(v))
+            if best.mlflow_run:  # the best trial's best checkpoint model: <sweep>@champion
+                champion = register_best(uri, [best.mlflow_run], name, sweep.metric, mode)
+                if champion:
+                    tracker.set_tag("maskclip.registered_model", f"models:/{champion}")
+                    print(f"registered model: models:/{champion}")
         all_failed = bool(rows) and all(r.status == "error" for r in rows)
         tracker.end("FAILED" if all_failed else "FINISHED")
 
