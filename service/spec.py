@@ -79,11 +79,25 @@ class RunSection(Section):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     """Run name: the same name resumes the same run (checkpoints and MLflow run)."""
     tags: dict[str, str] = {}
-    """Free-form MLflow tags set on the run."""
+    """Free-form MLflow tags set on the run; numbers and booleans become strings."""
     seed: int = 0
     """Seed of every random draw (init, masks, shuffles); each worker offsets it by its rank."""
     output_dir: str = "runs"
     """Local folder for run folders (checkpoints default here, tokenizer, resolved spec)."""
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _scalar_tags(cls, tags):
+        """MLflow tags are strings: `release: 2` and `baseline: true` become "2" and "true"."""
+        if not isinstance(tags, dict):
+            return tags
+
+        def text(v):
+            if isinstance(v, bool):
+                return str(v).lower()
+            return str(v) if isinstance(v, (int, float)) else v
+
+        return {k: text(v) for k, v in tags.items()}
 
 
 RENAMED = {
@@ -237,8 +251,13 @@ class OptimSection(Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> OptimSection:
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of max_steps and epochs")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"optim.max_steps ({self.max_steps}) and optim.epochs ({self.epochs}) are both "
+                "set: set optim.max_steps=null to use epochs, or optim.epochs=null"
+            )
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set exactly one of max_steps and epochs (both are null)")
         return self
 
 
@@ -403,7 +422,9 @@ def format_validation_error(err: ValidationError) -> list[str]:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        got = "" if e["type"] == "missing" else f" (got {_fmt_value(e.get('input'))})"
+        # a section-level check names its fields itself: a dump of the section says nothing more
+        whole = isinstance(e.get("input"), dict) and e["type"] == "value_error"
+        got = "" if e["type"] == "missing" or whole else f" (got {_fmt_value(e.get('input'))})"
         cause = e.get("ctx", {}).get("error")
         if isinstance(cause, ConfigError):  # the library's check: name its field, not the section
             loc, msg, got = (

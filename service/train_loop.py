@@ -26,6 +26,7 @@ from maskclip import MaskCLIPTask
 from maskclip.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
+from . import terminal
 from .control import StopWatcher, bad_rows_message, control_actor
 from .errors import StopReason
 from .evaluation import validate
@@ -33,6 +34,8 @@ from .figures import patch_similarity_figure
 from .spec import JobSpec
 from .storage import copy_to_local
 from .tracking import Tracker
+
+log = terminal.get_logger(__name__)
 
 
 def build_optimizer(task: MaskCLIPTask, spec: JobSpec) -> torch.optim.Optimizer:
@@ -125,6 +128,7 @@ def train_step(
 
 
 def train_loop_per_worker(config: dict) -> None:
+    terminal.configure(worker=True)  # every product line on stdout: the driver prints those
     spec = JobSpec.model_validate(config["spec"])
     tokenizer = Tokenizer.from_json(config["tokenizer"])
     total_steps: int = config["total_steps"]
@@ -160,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
         # decorrelate the data order / masks of a resumed run from its first life
         seed_everything(spec.run.seed * 1000 + rank + 7919 * step)
         if rank == 0:
-            print(f"resumed from checkpoint at step {step}")
+            log.info(f"resumed from checkpoint at step {step}")
 
     task.model = ray.train.torch.prepare_model(task.student) if world > 1 else task.student
     tracker = Tracker(None, None)
@@ -197,6 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
     task.train()
     stopped: StopReason | None = None
     t_last, samples_since = time.perf_counter(), 0
+    t_start, step_start = t_last, step  # the ETA is the average over this run, not a window
     max_epochs = spec.optim.epochs or 10**9
     report: dict = {}
     last_images = None
@@ -237,7 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
                             detail += f" ({skipped} consecutive steps skipped)"
                         ray.get(watcher.control.request_stop.remote(stopped, detail))
                     break
-                print(f"warning: non-finite loss at step {step + 1}; step skipped")
+                log.warning(f"non-finite loss at step {step + 1}; step skipped")
                 continue
             skipped = 0
             if out.stop:
@@ -258,11 +263,11 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["data_rows_seen"] = watcher.stats["rows_seen"]
                 metrics["data_rows_bad"] = watcher.stats["rows_bad"]
                 tracker.log_metrics(metrics, step)
-                eta = (total_steps - step) * elapsed / max(1, spec.optim.log_every)
-                print(
+                per_step = (time.perf_counter() - t_start) / max(1, step - step_start)
+                log.info(
                     f"step {step}/{total_steps}  loss {metrics['loss']:.4f}  "
-                    f"{metrics['samples_per_s']:.1f} samples/s  ETA {eta:.0f}s",
-                    flush=True,
+                    f"{metrics['samples_per_s']:.1f} samples/s  "
+                    f"ETA {_duration((total_steps - step) * per_step)}"
                 )
                 t_last, samples_since = time.perf_counter(), 0
 
@@ -303,6 +308,16 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.finish()  # bounded: an unanswering server cannot hold the end of the run
 
 
+def _duration(seconds: float) -> str:
+    """42s, 3m05s, 1h02m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _newest_on_storage(spec: JobSpec, config: dict):
     """(path, filesystem) of the newest complete checkpoint of this run on storage, if any."""
     from .storage import is_s3, split_uri
@@ -323,10 +338,10 @@ def _validate(spec, task, tokenizer, device, tracker, rank, step) -> dict:
     try:
         metrics = validate(spec, task.student, tokenizer, device)
     except DataError as e:  # e.g. no usable validation row: training goes on, unvalidated
-        print(f"warning: validation skipped: {e}", flush=True)
+        log.warning(f"validation skipped: {e}")
         return {}
     tracker.log_metrics(metrics, step)
-    print("validation " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    log.info("validation " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics
 
 

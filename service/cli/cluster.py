@@ -1,8 +1,8 @@
 """`maskclip submit | status | logs | stop | list | render`: Ray Jobs API and KubeRay commands.
 
-    maskclip submit jobs/s3.yaml --address http://127.0.0.1:8265 [--set k=v] [--wait]
-    maskclip status JOB_ID            maskclip logs JOB_ID --follow
-    maskclip stop JOB_ID              maskclip list
+    maskclip submit jobs/s3.yaml --address http://127.0.0.1:8265 [--set k=v] [--no-wait]
+    maskclip status JOB_ID [--json]   maskclip logs JOB_ID --follow
+    maskclip stop JOB_ID              maskclip list [--json]
     maskclip render jobs/s3.yaml --image ghcr.io/maskclip/maskclip-service@sha256:HEX > rayjob.yaml
 
 --address defaults to $RAY_ADDRESS, then http://127.0.0.1:8265 (e.g. a `kubectl port-forward`).
@@ -12,7 +12,10 @@ Only argparse at the top: service.cluster (pydantic, yaml) and ray load inside t
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import sys
+from datetime import datetime, timezone
 
 from .common import spec_args
 
@@ -34,6 +37,10 @@ def _address_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .. import cluster
 
@@ -52,10 +59,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_json(info) -> dict:
+    """A job's details as JSON (status and list --json): times in ISO 8601 UTC."""
+    from .. import cluster
+
+    def iso(ms):
+        if not ms:
+            return None
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+
+    return {
+        "job": info.submission_id or info.job_id,
+        "run": (info.metadata or {}).get("maskclip_run"),
+        "status": cluster._status(info),
+        "message": info.message or None,
+        "entrypoint": info.entrypoint,
+        "start": iso(info.start_time),
+        "end": iso(info.end_time),
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .. import cluster
 
-    cluster.status(args.job_id, args.address, allow_insecure=args.allow_insecure)
+    out = io.StringIO() if args.json else None
+    info = cluster.status(args.job_id, args.address, allow_insecure=args.allow_insecure, out=out)
+    if args.json:
+        print(json.dumps(job_json(info), indent=2))
     return 0
 
 
@@ -76,7 +106,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .. import cluster
 
-    cluster.list_jobs(args.address, allow_insecure=args.allow_insecure)
+    out = io.StringIO() if args.json else None
+    jobs = cluster.list_jobs(args.address, allow_insecure=args.allow_insecure, out=out)
+    if args.json:
+        print(json.dumps([job_json(j) for j in jobs], indent=2))
     return 0
 
 
@@ -114,13 +147,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="also ship this repository (dev clusters; runs `python -m service.cli` from it)",
     )
-    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return once submitted (default: follow the logs until the job ends, as `ray job "
+        "submit` does; Ctrl-C stops following, not the job)",
+    )
+    p.add_argument("--wait", dest="wait", action="store_true", help=argparse.SUPPRESS)  # old flag
     p.add_argument("--entrypoint", default=None, help=argparse.SUPPRESS)  # advanced / tests
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="show a submitted job's status")
     p.add_argument("job_id")
     _address_args(p)
+    _json_arg(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("logs", help="print a submitted job's logs")
@@ -136,6 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="list the jobs submitted to a Ray cluster")
     _address_args(p)
+    _json_arg(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("render", help="print a KubeRay RayJob (+ ConfigMap) for a spec")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from ..errors import UserError
+
+log = logging.getLogger("maskclip.cli.eval")
 
 _LABELS = {
     "zero_shot_top1": ("zero-shot top-1", "zero_shot"),
@@ -64,7 +67,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not (args.zero_shot or args.retrieval or args.linear_probe):
         raise UserError("give at least one of --zero-shot, --retrieval, --linear-probe")
+    from .. import terminal
+
+    if args.json == "-":
+        terminal.stdout_for_data()
     caps = {} if args.max_rows is None else {"max_rows": args.max_rows}
+    tasks = [
+        f"{name} on {where}"
+        for name, where in (
+            ("zero-shot", args.zero_shot),
+            ("retrieval", args.retrieval),
+            ("linear probe", args.linear_probe),
+        )
+        if where
+    ]
+    log.info(f"evaluating {args.ref}: {', '.join(tasks)}")
     result = evaluate(
         args.ref,
         zero_shot=args.zero_shot,
@@ -80,6 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         **caps,
     )
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+        return 0
     print(format_result(result), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -141,5 +161,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="log nothing")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default $AWS_ENDPOINT_URL)")
-    p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        nargs="?",
+        const="-",
+        help="also write the full result as JSON to FILE; --json alone: print only the JSON",
+    )
     p.set_defaults(func=cmd_eval)

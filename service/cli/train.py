@@ -17,7 +17,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from ..sweep_spec import validate_sweep
 
         validate_sweep(spec)
-    print(f"# {_resume_line(spec)}")
+    resume = _resume_line(spec)
+    if args.json:
+        doc = {"resume": resume, "spec": spec.model_dump(mode="json")}
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"# {resume}")
     print(spec.to_yaml(), end="")
     return 0
 
@@ -78,6 +83,11 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="resolve and check a spec, print it, run nothing")
     spec_args(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"resume": the resume line, "spec": the resolved spec} as JSON',
+    )
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=cmd_schema)
