@@ -16,16 +16,18 @@ import csv
 import math
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import terminal
 from .errors import RunStopped, StopReason, UserError
 from .spec import JobSpec, apply_overrides, build_spec
 from .sweep_spec import SweepSection, override, validate_sweep
 from .tracking import RUN_KEY_TAG, Tracker, _client, flatten, register_best, start_run
+
+log = terminal.get_logger(__name__)
 
 SWEEP_TAG = "maskclip.sweep"
 EARLY_STOPPED_TAG = "maskclip.early_stopped"
@@ -47,6 +49,7 @@ def _trial(config: dict, base: dict, sweep_name: str, parent_run_id: str | None)
     data["run"]["name"] = f"{sweep_name}-{trial_id}"
     data["sweep"] = None
     spec = build_spec(data)
+    terminal.configure(worker=True)  # this trial's lines on stdout: the sweep's driver prints them
     trainer.run_job(spec, tune_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
 
 
@@ -267,10 +270,7 @@ def reconcile_runs(uri: str, parent: str, rows: list[TrialRow]) -> None:
             [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
         )
     except Exception as e:  # noqa: BLE001
-        print(
-            f"warning: could not read the trial runs from MLflow ({type(e).__name__})",
-            file=sys.stderr,
-        )
+        log.warning(f"could not read the trial runs from MLflow ({type(e).__name__})")
         return
     by_name = {r.data.tags.get(RUN_KEY_TAG): r for r in children}
     for row in rows:
@@ -348,9 +348,9 @@ def print_table(cells: list[list[str]]) -> None:
     shown = [row[:-2] for row in cells]  # checkpoint / run id: in trials.csv, too wide here
     widths = [max(len(row[i]) for row in shown) for i in range(len(shown[0]))]
     for i, row in enumerate(shown):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        log.info("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
-            print("  ".join("-" * w for w in widths))
+            log.info("  ".join("-" * w for w in widths))
 
 
 def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
@@ -409,7 +409,9 @@ def run_sweep(spec: JobSpec):
 
     name = spec.run.name
     base = _absolute(spec)
-    init_ray(spec)
+    init_ray(spec, Path(spec.run.output_dir) / name)
+    if terminal.ray_log_path() is not None:
+        log.info(f"Ray's own log lines: {terminal.ray_log_path()} (-v shows them here)")
     check_concurrency(spec, sweep)
     # checkpoint reports between validations carry no val_* metric: ASHA skips those reports
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -439,10 +441,9 @@ def run_sweep(spec: JobSpec):
     )
     mode = sweep.resolved_mode
     if resuming:
-        print(
+        log.info(
             f"resuming sweep {name} from {storage_uri}/sweeps/{name} (finished trials are kept; "
-            "the search space of the first start applies)",
-            flush=True,
+            "the search space of the first start applies)"
         )
         tuner = Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
@@ -467,10 +468,9 @@ def run_sweep(spec: JobSpec):
                 callbacks=[_trial_runs_closer(uri, parent, name)] if uri and parent else None,
             ),
         )
-    print(
+    log.info(
         f"sweep {name}: {sweep.search} search, scheduler {sweep.scheduler}, "
-        f"metric {sweep.metric} ({mode}), {sweep.max_concurrent} trial(s) at a time",
-        flush=True,
+        f"metric {sweep.metric} ({mode}), {sweep.max_concurrent} trial(s) at a time"
     )
     grid = tuner.fit()
 
@@ -479,7 +479,7 @@ def run_sweep(spec: JobSpec):
         reconcile_runs(uri, parent, rows)
     best = best_row(rows, mode)
     cells = table(rows, sweep)
-    print(
+    log.info(
         f"\nsweep {name}: {len(rows)} trials "
         f"({sum(r.status == 'completed' for r in rows)} completed, "
         f"{sum(r.status == 'early_stopped' for r in rows)} stopped early, "
@@ -488,7 +488,7 @@ def run_sweep(spec: JobSpec):
     print_table(cells)
     for r in rows:
         if r.error:
-            print(f"  {r.run_name}: {r.error}")
+            log.info(f"  {r.run_name}: {r.error}")
 
     if uri and parent:
         tracker = Tracker(uri, parent)
@@ -502,7 +502,7 @@ def run_sweep(spec: JobSpec):
                 plot(rows, sweep, png)
                 tracker.log_artifact(png)
             except Exception as e:  # noqa: BLE001 - a plot never fails the sweep
-                print(f"warning: sweep plot failed ({type(e).__name__}: {e})", file=sys.stderr)
+                log.warning(f"sweep plot failed ({type(e).__name__}: {e})")
         if best is not None:
             tracker.log_metrics({f"best_{sweep.metric}": best.value}, 0)
             tracker.set_tag("maskclip.best_trial", best.run_name)
@@ -514,18 +514,18 @@ def run_sweep(spec: JobSpec):
                 champion = register_best(uri, [best.mlflow_run], name, sweep.metric, mode)
                 if champion:
                     tracker.set_tag("maskclip.registered_model", f"models:/{champion}")
-                    print(f"registered model: models:/{champion}")
+                    log.info(f"registered model: models:/{champion}")
         all_failed = bool(rows) and all(r.status == "error" for r in rows)
         tracker.end("FAILED" if all_failed else "FINISHED")
 
     if best is not None:
-        print(
+        log.info(
             f"best trial: {best.run_name} ({sweep.metric} {_fmt(best.value)}; "
             + ", ".join(f"{p}={_fmt(v)}" for p, v in best.params.items())
             + ")"
         )
-    print(f"best checkpoint: {best.checkpoint if best else 'none'}")
-    print(f"mlflow run: {parent}")
+    log.info(f"best checkpoint: {best.checkpoint if best else 'none'}")
+    log.info(f"mlflow run: {parent}")
     if rows and all(r.status == "error" for r in rows):
         raise RunStopped(
             StopReason.FAILED,
