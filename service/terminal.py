@@ -223,9 +223,7 @@ def _on_worker_output(data: dict) -> None:
         for line in lines:
             _to_ray_file(f"({pid}) {line}")
         if pid == "autoscaler":  # its status reports go to the file, its events (as Ray does)
-            from ray._private.worker import filter_autoscaler_events
-
-            lines = [e for e in filter_autoscaler_events(lines) if not e.startswith("Tip: ")]
+            lines = _autoscaler_events(lines)
         for line in lines:
             if line.strip():
                 _write(f"ray: {line.strip()}", sys.stderr)
@@ -238,6 +236,17 @@ def _on_worker_output(data: dict) -> None:
         return
     for line in lines:
         product_line(line)
+
+
+def _autoscaler_events(lines: list[str]) -> list[str]:
+    """The events among the autoscaler's lines (Ray's own filter; it asks the cluster which
+    autoscaler runs, so none are known while Ray is not connected)."""
+    import ray
+    from ray._private.worker import filter_autoscaler_events
+
+    if not ray.is_initialized():
+        return []
+    return [e for e in filter_autoscaler_events(lines) if not e.startswith("Tip: ")]
 
 
 # --- progress ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ ray.log); --version, shell completion and --json work."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -128,3 +129,90 @@ def test_quiet_and_verbose_flags(synth_parquet, tmp_path, capsys):
     assert terminal.verbosity() == 1
     main(["validate", str(job)])  # back to the default for the tests after this one
     assert terminal.verbosity() == 0
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_worker_output_is_routed_by_stream(tmp_path, monkeypatch):
+    """What Ray's log_to_driver hands the driver: a worker's stdout is the product's (printed
+    without Ray's prefix), its stderr goes to ray.log, autoscaler status reports to ray.log and
+    only its events to the terminal."""
+    from service import terminal
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    path = terminal.route_ray(tmp_path / "ray.log")
+    worker = {"pid": 41, "ip": "10.0.0.1", "actor_name": "RayTrainWorker"}
+    terminal._on_worker_output({**worker, "is_err": False, "lines": ["step 2/4  loss 1.0"]})
+    terminal._on_worker_output(
+        {**worker, "is_err": True, "lines": ["Execution plan of Dataset train_0: ..."]}
+    )
+    status = ["======== Autoscaler status: 2026 ========", "Node status"]
+    terminal._on_worker_output({"pid": "autoscaler", "is_err": False, "lines": status})
+    assert out.getvalue() == "step 2/4  loss 1.0\n"
+    assert err.getvalue() == ""
+    text = path.read_text()
+    assert "(RayTrainWorker pid=41) Execution plan of Dataset train_0" in text
+    assert "(autoscaler) Node status" in text
+    # a Ray driver-side logger: its records go to the file; an ERROR also as one line
+    import logging
+
+    terminal.route_ray(path)
+    logging.getLogger("ray.data").info("Starting execution of Dataset x")
+    logging.getLogger("ray").error("GCS lost\nmore detail")
+    assert "Starting execution of Dataset x" in path.read_text()
+    assert err.getvalue() == f"ray error: GCS lost (details: {path})\n"
+
+
+def test_progress_bar_on_a_terminal_plain_lines_off_it(monkeypatch):
+    from service import terminal
+
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", plain)
+    terminal.product_line("step 2/10  loss 1.5  8.0 samples/s  ETA 9s")
+    assert plain.getvalue() == "step 2/10  loss 1.5  8.0 samples/s  ETA 9s\n"
+
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    try:
+        terminal.product_line("step 2/10  loss 1.5  8.0 samples/s  ETA 9s")
+        terminal.product_line("validation val_zero_shot_top1 0.500")
+        terminal.product_line("step 10/10  loss 0.5  9.0 samples/s  ETA 0s")
+        bar = terminal._state["bar"]
+        assert (bar.n, bar.total, bar.smoothing) == (10, 10, 0)
+    finally:
+        terminal.end_progress()
+    shown = tty.getvalue()
+    assert "10/10" in shown and "loss 0.5, 9.0 samples/s" in shown
+    assert "validation val_zero_shot_top1 0.500\n" in shown  # printed above the bar
+    assert "ETA 0s" not in shown  # the bar's ETA replaces the worker's
+
+
+def test_status_and_list_json_fields():
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    from service.cli.cluster import job_json
+
+    info = JobDetails(
+        type=JobType.SUBMISSION,
+        submission_id="maskclip-quick-1",
+        entrypoint="maskclip run job.yaml",
+        status=JobStatus.SUCCEEDED,
+        message="done",
+        start_time=1_700_000_000_000,
+        end_time=1_700_000_060_000,
+        metadata={"maskclip_run": "quick"},
+    )
+    assert job_json(info) == {
+        "job": "maskclip-quick-1",
+        "run": "quick",
+        "status": "SUCCEEDED",
+        "message": "done",
+        "entrypoint": "maskclip run job.yaml",
+        "start": "2023-11-14T22:13:20+00:00",
+        "end": "2023-11-14T22:14:20+00:00",
+    }
