@@ -457,13 +457,15 @@ def encode_source(
     from maskclip.evaluate import encode_features
     from maskclip.transforms import eval_transform
 
-    from .rows import clean_row
+    from .rows import STATUS_COLUMN, clean_row, not_downloaded
 
     transform = eval_transform(model.cfg.vision.image_size)
     names = [columns.image]
     names += [columns.caption] if captions else []
     names += [columns.label] if labels else []
     source.require(names)
+    status = STATUS_COLUMN if STATUS_COLUMN in source.columns else None  # img2dataset output
+    read = names + ([status] if status else [])
     kept_captions: list[str] = []
     kept_labels: list[str] = []
     skipped: dict[str, int] = {}
@@ -471,9 +473,11 @@ def encode_source(
     def image_batches():
         pending: list[torch.Tensor] = []
         n = 0
-        for rb in source.iter_batches(names, batch_size):
-            cols = {c: rb.column(c).to_pylist() for c in names}
+        for rb in source.iter_batches(read, batch_size):
+            cols = {c: rb.column(c).to_pylist() for c in read}
             for i in range(rb.num_rows):
+                if status and not_downloaded(cols[status][i], cols[columns.image][i]):
+                    continue  # a failed download is not data: neither used nor a bad row
                 row, why = clean_row(
                     cols[columns.image][i],
                     cols[columns.caption][i] if captions else None,
