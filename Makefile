@@ -1,17 +1,20 @@
-# Each target does its own set-up: it creates (or reuses) .venv with the right torch pair and
-# the project installed, then runs.
+# Each target does its own set-up: it creates (or reuses) .venv with exactly the versions in
+# requirements.lock (hash-checked) and the project installed, then runs. The stamp covers both
+# pyproject.toml and the lock, so a change to either reinstalls.
 PY ?= python3
 VENV ?= .venv
+LOCK ?= requirements.lock
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
