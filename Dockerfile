@@ -5,17 +5,17 @@
 #
 #   docker build -t ghcr.io/maskclip/maskclip-service:0.1.0 .
 #
-# RAY_VERSION must equal `rayVersion` in k8s/raycluster.yaml and the Ray installed for development
-# (tests/k8s/test_manifests.py checks all three). The PyTorch wheels bring their own CUDA 13.0
-# libraries; the CUDA runtime base supplies the matching userland and NVIDIA container env.
+# Every Python package comes from requirements.lock, the lock the dev venv and CI install from
+# (hash-checked). RAY_VERSION only double-checks it: it must equal the lock's ray pin, `rayVersion`
+# in k8s/raycluster.yaml and service/k8s.py's RAY_VERSION (tests/k8s/test_manifests.py checks all
+# four), and the build fails if the installed Ray differs. The lock's torch is PyPI's Linux wheel,
+# the CUDA 13.0 build, which brings its own CUDA libraries (nvidia-* wheels); the CUDA runtime base
+# supplies the matching userland and NVIDIA container env.
 
 ARG BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ARG RAY_VERSION=2.60.0
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -39,26 +39,20 @@ RUN (userdel --remove ubuntu 2>/dev/null || true) \
 
 WORKDIR /app
 
-# 1) PyTorch (CUDA build): the biggest, slowest-changing layer.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
-      "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+# 1) Every dependency, exactly as `make install` and CI get them: the whole lock, hash-checked,
+#    cached on the lock alone. It holds the `server` extra (mlflow[auth] for the MLflow basic-auth
+#    app, k8s/mlflow.yaml; psycopg2 for a PostgreSQL backend store) and also the test tools (about
+#    200 MB beside the CUDA libraries): the image runs the set CI tested, not a re-resolution of it.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
-# 2) Project dependencies, cached on pyproject.toml alone (stub packages stand in for the source);
-#    psycopg2 lets the MLflow server use a PostgreSQL backend store; mlflow[auth] brings what its
-#    basic-auth app (k8s/mlflow.yaml, --app-name basic-auth) needs.
+# 2) The project itself (changes often, small layer).
 COPY pyproject.toml README.md ./
-RUN mkdir -p maskclip service \
- && touch maskclip/__init__.py service/__init__.py \
- && pip install --no-cache-dir ".[service]" "ray[default,data,train,tune]==${RAY_VERSION}" \
-      "psycopg2-binary>=2.9" "mlflow[auth]" \
- && pip uninstall -y maskclip-service \
- && rm -rf maskclip service build ./*.egg-info
-
-# 3) The project itself (changes often, small layer).
 COPY maskclip ./maskclip
 COPY service ./service
 COPY jobs ./jobs
 RUN pip install --no-cache-dir --no-deps . \
+ && pip check \
  && rm -rf build ./*.egg-info \
  && python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}')"
 

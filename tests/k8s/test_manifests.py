@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import re
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.lock import LOCK, lock_pins
 
 try:
     from tests.k8s.k8s_validation import (
@@ -301,17 +302,38 @@ def test_kustomization_lists_every_manifest():
 # ----------------------------------------------------------------------------- image
 
 
-def test_ray_version_pinned_consistently():
-    pinned = _dockerfile_arg("RAY_VERSION")
+def test_ray_version_agrees_across_lock_image_manifests_and_render():
+    """One Ray version in the lock, the image, the long-lived cluster and rendered RayJobs, checked
+    file against file: what pip installed here plays no part, so a newer Ray on PyPI changes
+    nothing until the lock moves (and then this names every place that must move with it)."""
+    from service.k8s import RAY_VERSION
+
+    locked = lock_pins(LOCK)["ray"]
+    assert len(locked) == 1, f"{LOCK.name} pins ray more than once: {sorted(locked)}"
+    (pinned,) = locked
     assert re.fullmatch(r"\d+\.\d+\.\d+", pinned), pinned
-    cluster = _one("RayCluster", "maskclip")
-    assert cluster["spec"]["rayVersion"] == pinned
-    try:
-        installed = metadata.version("ray")  # == ray.__version__, without importing Ray
-    except metadata.PackageNotFoundError:
-        pytest.skip("ray is not installed in this environment")
-    assert installed == pinned, f"Dockerfile pins Ray {pinned}, environment has {installed}"
-    assert re.search(r"ray\[[^\]]*\]==\$\{?RAY_VERSION\}?", DOCKERFILE.read_text())
+    where = {
+        "Dockerfile ARG RAY_VERSION": _dockerfile_arg("RAY_VERSION"),
+        "k8s/raycluster.yaml rayVersion": _one("RayCluster", "maskclip")["spec"]["rayVersion"],
+        "service/k8s.py RAY_VERSION (maskclip render)": RAY_VERSION,
+    }
+    wrong = {k: v for k, v in where.items() if v != pinned}
+    assert not wrong, f"{LOCK.name} pins ray=={pinned}; these differ: {wrong}"
+
+
+def test_image_installs_everything_from_the_lock():
+    """The image takes its packages from the lock, hash-checked, and the project without deps:
+    no pip install that could resolve a version of its own."""
+    text = DOCKERFILE.read_text()
+    commands = re.split(r"&&|\n(?!\s)", text.replace("\\\n", " "))
+    installs = [c.split() for c in commands if "pip install" in c]
+    assert len(installs) == 2
+    for words in installs:
+        from_lock = "--require-hashes" in words and "requirements.lock" in words
+        project_only = "--no-deps" in words and words[-1] == "."
+        assert from_lock or project_only, f"Dockerfile: {' '.join(words)}"
+    assert re.search(r"^COPY requirements\.lock \./$", text, re.M)
+    assert "--index-url" not in text and "--extra-index-url" not in text
 
 
 def test_dockerfile_runs_as_non_root_user():
