@@ -75,3 +75,59 @@ def test_checkpoints_are_logged_models_and_the_best_is_the_champion(tmp_path, mo
     assert load_checkpoint(resolved.path)[2]["step"] == 4
     with pytest.raises(UserError, match=r"^models:/job@nobody: no such registered model"):
         _resolve("models:/job@nobody", tracking_uri=uri)
+
+
+@pytest.mark.slow
+def test_a_real_run_holds_lineage_a_loadable_model_and_a_champion(
+    ray_local, synth_parquet, tmp_path
+):
+    """One short `maskclip run` (4 steps, a checkpoint at 2): its MLflow run holds a logged
+    model per checkpoint that loads in one call, the datasets as inputs with a digest, system
+    metrics, source tags, and its best checkpoint registered as <run name>@champion."""
+    import yaml
+
+    from service.cli import main
+    from tests.service.mlflow_fixture import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        job = {
+            "run": {"name": "lineage", "output_dir": str(tmp_path / "runs")},
+            "data": {"train": synth_parquet, "val": synth_parquet},
+            "model": {"size": "maskclip_nano", "vocab_size": 300},
+            "optim": {"batch_size": 16, "max_steps": 4, "warmup_steps": 1, "log_every": 2},
+            "checkpoint": {"every_steps": 2},
+            "tracking": {"tracking_uri": server.uri, "experiment": "lineage"},
+        }
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        assert main(["run", str(tmp_path / "job.yaml")]) == 0
+        client = mlflow.MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("lineage")
+        (run,) = client.search_runs([exp.experiment_id])
+
+        # a LoggedModel per checkpoint, at its step; the final one carries the val metrics
+        outputs = {o.step: o.model_id for o in run.outputs.model_outputs}
+        assert sorted(outputs) == [2, 4]
+        final = client.get_logged_model(outputs[4])
+        assert {"loss", "val_zero_shot_top1", "val_image_to_text_R1"} <= {
+            m.key for m in final.metrics
+        }
+        mlflow.set_tracking_uri(server.uri)
+        model = mlflow.pyfunc.load_model(f"models:/{outputs[4]}")  # one call
+        assert model.unwrap_python_model().meta["step"] == 4
+        champion = client.get_model_version_by_alias("lineage", "champion")
+        assert champion.source in {f"models:/{outputs[2]}", f"models:/{outputs[4]}"}
+
+        # datasets as inputs: name, source, digest
+        inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val"}
+        assert len(inputs["train"].digest) == 16 and synth_parquet in inputs["train"].source
+
+        # system metrics and source tags
+        assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(
+            run.data.metrics
+        )
+        assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    finally:
+        server.stop()
