@@ -170,7 +170,9 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = Tracker(None, None)
     watcher = None
     if rank == 0:
-        tracker = Tracker(config.get("tracking_uri"), run_id, resumed=restored_from >= 0)
+        tracker = Tracker(
+            config.get("tracking_uri"), run_id, resumed=restored_from >= 0, system_metrics=True
+        )
         watcher = StopWatcher(control_actor(config["control"]), spec.data.max_bad_fraction)
     autocast = spec.optim.precision == "bf16" or (
         spec.optim.precision == "auto" and device.type == "cuda"
@@ -194,6 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
                     run_id,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
+            if checkpoint is not None and not final:  # the final one: _final_artifacts
+                _checkpoint_model(task, step, metrics, tracker, config)
             metrics = {**metrics, "step": step, "final": final, "restored_from": restored_from}
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -298,7 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
     if stopped in (None, StopReason.SIGNAL):
         final_metrics.update(_validate(spec, task, tokenizer, device, tracker, rank, step))
         if rank == 0 and tracker.enabled:
-            _final_artifacts(task, last_images, tracker, config)
+            _final_artifacts(task, last_images, tracker, config, step, final_metrics)
     if stopped in (StopReason.NONFINITE, StopReason.DATA):
         # keep the last good checkpoint: report without a new one
         ray.train.report({**final_metrics, "step": step, "final": True}, checkpoint=None)
@@ -345,24 +349,44 @@ def _validate(spec, task, tokenizer, device, tracker, rank, step) -> dict:
     return metrics
 
 
-def _final_artifacts(task, images, tracker, config) -> None:
-    """The final model (the checkpoint format without training state: `maskclip eval` and
-    `maskclip.checkpoint.load` open it) and the mask/similarity figure."""
+def _model_folder(task, directory: str, step: int, config) -> str:
+    """The checkpoint format without training state (model.safetensors, tokenizer.json,
+    job.yaml, meta.json): what `maskclip eval` and `maskclip.checkpoint.load` open."""
+    ckpt.save(
+        directory,
+        task,
+        None,
+        None,
+        step,
+        0,
+        config["tokenizer"],
+        config["spec_yaml"],
+        config.get("mlflow_run_id"),
+        training_state=False,
+    )
+    return directory
+
+
+def _checkpoint_model(task, step: int, metrics: dict, tracker, config) -> None:
+    """Rank 0: this checkpoint's weights as an MLflow LoggedModel of the run at `step`, its
+    metrics linked (service.tracking.log_checkpoint_model). Never stops training."""
+    if not tracker.enabled:
+        return
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            folder = _model_folder(task, os.path.join(d, "checkpoint"), step, config)
+            tracker.log_model(folder, step, metrics)
+    except Exception as e:  # noqa: BLE001 - e.g. a full temp disk: the Ray checkpoint is saved
+        log.warning("checkpoint at step %d not logged as an MLflow model (%s)", step, e)
+
+
+def _final_artifacts(task, images, tracker, config, step: int, metrics: dict) -> None:
+    """The final model, once: the run's `model/` artifacts (for runs:/<id>/model) and a
+    LoggedModel at `step` with the final metrics linked; and the mask/similarity figure."""
     with tempfile.TemporaryDirectory() as d:
-        model_dir = os.path.join(d, "model")
-        ckpt.save(
-            model_dir,
-            task,
-            None,
-            None,
-            config.get("total_steps", 0),
-            0,
-            config["tokenizer"],
-            config["spec_yaml"],
-            config.get("mlflow_run_id"),
-            training_state=False,
-        )
+        model_dir = _model_folder(task, os.path.join(d, "checkpoint"), step, config)
         tracker.log_artifacts(model_dir, "model")
+        tracker.log_model(model_dir, step, metrics)
         if images is not None:
             fig_path = os.path.join(d, "masks_and_similarity.png")
             patch_similarity_figure(task, images, fig_path)

@@ -22,7 +22,7 @@ from .control import control_actor
 from .errors import DataError, RunStopped, SpecError, StopReason, UserError
 from .spec import JobSpec
 from .storage import Source, ensure_bucket, is_s3, resolve_source
-from .tracking import Tracker, flatten, start_run
+from .tracking import Tracker, flatten, log_datasets, register_best, start_run
 from .train_loop import train_loop_per_worker
 
 log = terminal.get_logger(__name__)
@@ -261,6 +261,7 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
             parent_run_id=parent_run_id,
             reopen_unfinished=not fresh,
         )
+        log_datasets(uri, run_id, {"train": train, "val": val})
         tracker = Tracker(uri, run_id)
         tracker.log_artifact(str(run_dir / "job.yaml"), "spec")
         if latest:
@@ -350,6 +351,10 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
         )
         failed = reason in (StopReason.NONFINITE, StopReason.DATA)
         tracker.end("FAILED" if failed else "KILLED" if reason else "FINISHED")
+        if parent_run_id is None and reason is None:  # a sweep registers its best trial
+            champion = register_best(uri, [run_id], spec.run.name)
+            if champion:
+                log.info(f"registered model: models:/{champion}")
     ray.kill(control)
 
     log.info(
