@@ -44,10 +44,11 @@ def init_ray(spec: JobSpec, log_dir: Path | None = None) -> None:
     (parallel runs, tests) the lookup raised ConnectionError, which the cleaner does not catch
     (the thread Traceback of short runs). RAY_API_SERVER_ADDRESS, inherited by every Ray
     process started from here, names this cluster's dashboard; the cleaner then works: it can
-    remove a dead controller's placement group. Measured on the 2-core dev machine (busy, 2
-    runs each): 11 more processes, +148 MB unique memory (USS; +1.06 GB RSS counting the shared
-    pages of each process), ray.init 16.5/24.9 s -> 26.5/40.2 s. No switch in Ray 2.60 turns
-    the cleaner off or loads the state module alone."""
+    remove a dead controller's placement group. Measured on the 2-core dev machine (3-4 starts
+    of each, under a load of 5-17 from other work): 20 Ray processes instead of 9, unique memory
+    (USS) 545 MB instead of 400 MB (RSS 1.83 GB vs 0.78 GB, which counts shared pages once per
+    process); ray.init took 11-43 s either way, no difference above that noise. No switch in
+    Ray 2.60 turns the cleaner off or loads the state module alone."""
     from ray.data import DataContext
 
     from . import terminal
@@ -64,14 +65,15 @@ def init_ray(spec: JobSpec, log_dir: Path | None = None) -> None:
             terminal.phase(f"connecting to Ray at {spec.scaling.ray_address}")
             ray.init(address=spec.scaling.ray_address, log_to_driver=True)
         else:
-            _start_local_ray()
+            start_local_ray()
     terminal.route_worker_output()
     if log_dir is not None:
         terminal.route_ray(Path(log_dir) / terminal.RAY_LOG)  # loggers Ray configured in init
 
 
-def _start_local_ray() -> None:
-    """ray.init of a local cluster with its dashboard on a free 127.0.0.1 port (see init_ray)."""
+def start_local_ray(**options) -> None:
+    """ray.init of a local cluster with its dashboard on a free 127.0.0.1 port (see init_ray);
+    `options` (num_cpus=2, ...) go to ray.init."""
     from . import terminal
 
     with socket.socket() as sock:
@@ -85,7 +87,7 @@ def _start_local_ray() -> None:
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         log_to_driver=True,
-        object_store_memory=512 * 1024**2,
+        **{"object_store_memory": 512 * 1024**2, **options},
     )
 
 
