@@ -216,3 +216,34 @@ def test_status_and_list_json_fields():
         "start": "2023-11-14T22:13:20+00:00",
         "end": "2023-11-14T22:14:20+00:00",
     }
+
+
+def test_a_ray_error_is_one_line_and_v_gives_the_traceback(monkeypatch, capsys):
+    from ray.exceptions import RaySystemError
+
+    from service.cli import train as train_cmd
+
+    def raising(args):
+        raise RaySystemError("the GCS went away\nsecond line\nthird line")
+
+    monkeypatch.setattr(train_cmd, "cmd_validate", raising)
+    assert main(["validate", "job.yaml"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: RaySystemError: System error: the GCS")
+    assert err[0].endswith("-v for the traceback)")
+    with pytest.raises(RaySystemError):
+        main(["-v", "validate", "job.yaml"])
+    main(["schema"])  # back to the default verbosity
+    capsys.readouterr()
+
+
+def test_verbose_leaves_ray_output_alone(tmp_path):
+    from service import terminal
+
+    terminal.configure(1)
+    try:
+        assert terminal.route_ray(tmp_path / "ray.log") is None
+        assert terminal.route_worker_output() is False
+        assert not (tmp_path / "ray.log").exists()
+    finally:
+        terminal.configure(0)
