@@ -756,13 +756,19 @@ def evaluate(
         raise UserError("nothing to evaluate: give zero_shot, retrieval and/or linear_probe data")
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise UserError("batch_size and max_rows must be positive")
+    from .terminal import phase
+
     prompts = read_templates(templates)
     resolved = _resolve(ref, endpoint_url, tracking_uri)
+    phase(f"loading {ref}")
     loaded = load(resolved)
     data = loaded.spec.data if loaded.spec is not None else None
     if prompts is None:
         prompts = data.templates if data is not None else "default"
     dev = _device(device)
+    cap = "all rows" if max_rows is None else f"at most {max_rows} rows"
+    step = "" if loaded.step is None else f" (step {loaded.step})"
+    phase(f"encoding on {dev}{step}: {cap} per split, {batch_size} at a time")
     model = loaded.model.to(dev).eval()
     ev = evaluate_model(
         model,

@@ -31,7 +31,7 @@ RAY_LOG = "ray.log"
 """The file, in the run's output folder, that receives Ray's own log lines."""
 
 _STEP = re.compile(r"^step (\d+)/(\d+)\s+(.*)$")
-_lock = threading.Lock()
+_lock = threading.RLock()  # a signal handler may log while its thread holds it
 _state: dict = {"verbosity": 0, "ray_file": None, "ray_path": None, "bar": None, "stderr": False}
 
 

@@ -14,6 +14,9 @@ import pytest
 import yaml
 
 from service.cli import main
+from tests.service import test_evaluation
+
+world = test_evaluation.world  # its module-scoped checkpoint fixture
 
 # what Ray printed on a default run before (issue 17): the Train V2 cleaner's state-API
 # warnings, Ray Data execution plans, C++ core worker lines, any worker line with Ray's prefix
@@ -247,3 +250,18 @@ def test_verbose_leaves_ray_output_alone(tmp_path):
         assert not (tmp_path / "ray.log").exists()
     finally:
         terminal.configure(0)
+
+
+def test_eval_json_alone_prints_only_json_and_says_what_it_does(world, capsys):
+    """`maskclip eval ... --json`: stdout is the JSON document (pipe it to jq); the phases
+    (loading, encoding) go to stderr."""
+    argv = ["eval", world["ckpt"], "--zero-shot", world["test"], "--no-mlflow", "--json"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert 0.0 <= result["metrics"]["zero_shot_top1"] <= 1.0
+    assert err.splitlines()[:3] == [
+        f"evaluating {world['ckpt']}: zero-shot on {world['test']}",
+        f"loading {world['ckpt']}",
+        "encoding on cpu (step 3): at most 5000 rows per split, 256 at a time",
+    ]
