@@ -102,6 +102,7 @@ class StopWatcher:
         self.control = control
         self.max_bad_fraction = max_bad_fraction
         self.stats = {"rows_seen": 0, "rows_bad": 0, "rows_not_downloaded": 0, "bad_reasons": {}}
+        self.reason: StopReason | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maskclip-stop-watcher", daemon=True)
@@ -126,6 +127,7 @@ class StopWatcher:
             message = bad_rows_message(self.stats, self.max_bad_fraction)
             ray.get(self.control.request_stop.remote(StopReason.DATA, message))
         if ray.get(self.control.should_stop.remote()):
+            self.reason, _ = ray.get(self.control.reason.remote())
             self._stop.set()
 
     def close(self) -> None:

@@ -184,18 +184,28 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                ckpt.save(
-                    d,
-                    task,
-                    optimizer,
-                    scheduler,
-                    step,
-                    epoch,
-                    config["tokenizer"],
-                    config["spec_yaml"],
-                    run_id,
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(d)
+                try:
+                    ckpt.save(
+                        d,
+                        task,
+                        optimizer,
+                        scheduler,
+                        step,
+                        epoch,
+                        config["tokenizer"],
+                        config["spec_yaml"],
+                        run_id,
+                    )
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                except OSError as e:  # disk full, quota: stop; the previous checkpoint stays
+                    why = e.strerror or str(e)
+                    detail = (
+                        f"the checkpoint at step {step} could not be written ({why}); the "
+                        "previous checkpoint is intact: free space and run the same job again "
+                        "to resume"
+                    )
+                    ray.get(watcher.control.request_stop.remote(StopReason.CHECKPOINT, detail))
+                    watcher.poll()
             if checkpoint is not None and not final:  # the final one: _final_artifacts
                 _checkpoint_model(task, step, metrics, tracker, config)
             metrics = {**metrics, "step": step, "final": final, "restored_from": restored_from}
@@ -249,8 +259,8 @@ def train_loop_per_worker(config: dict) -> None:
                 log.warning(f"non-finite loss at step {step + 1}; step skipped")
                 continue
             skipped = 0
-            if out.stop:
-                stopped = StopReason.SIGNAL  # the driver's reason (signal or data) is on the actor
+            if out.stop:  # rank 0 knows why (the actor's reason); the others follow it
+                stopped = (watcher.reason if watcher else None) or StopReason.SIGNAL
                 break
             report = out.report
             step += 1
@@ -299,11 +309,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- the end: final checkpoint, validation, figure
     final_metrics = {"loss": float(report["loss"]) if report else float("nan")}
-    if stopped in (None, StopReason.SIGNAL):
+    clean = stopped in (None, StopReason.SIGNAL, StopReason.INTERRUPT)
+    if clean:
         final_metrics.update(_validate(spec, task, tokenizer, device, tracker, rank, step))
         if rank == 0 and tracker.enabled:
             _final_artifacts(task, last_images, tracker, config, step, final_metrics)
-    if stopped in (StopReason.NONFINITE, StopReason.DATA):
+    if not clean:
         # keep the last good checkpoint: report without a new one
         ray.train.report({**final_metrics, "step": step, "final": True}, checkpoint=None)
     else:

@@ -332,6 +332,18 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
     old = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         result = _fit_keeping_signals(trainer) if in_main else trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        if uri and run_id:
+            Tracker(uri, run_id).end("FAILED")
+        ray.kill(control)
+        latest = ckpt.find_latest(storage_path, spec.run.name, fs, verify=False)
+        where = f"the checkpoint at step {latest[1]['step']}" if latest else "no checkpoint yet"
+        raise RunStopped(
+            StopReason.FAILED,
+            f"training failed after {spec.checkpoint.max_failures} restart(s) "
+            f"(checkpoint.max_failures): {_last_error(e)}; running the same job again resumes "
+            f"from {where}",
+        ) from None
     finally:
         terminal.end_progress()  # the summary prints below the bar
         for sig, handler in old.items():
@@ -351,7 +363,7 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
             },
             int(final.get("step", steps)),
         )
-        failed = reason in (StopReason.NONFINITE, StopReason.DATA)
+        failed = reason in (StopReason.NONFINITE, StopReason.DATA, StopReason.CHECKPOINT)
         tracker.end("FAILED" if failed else "KILLED" if reason else "FINISHED")
         if parent_run_id is None and reason is None:  # a sweep registers its best trial
             champion = register_best(uri, [run_id], spec.run.name)
@@ -379,11 +391,21 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
         StopReason.NONFINITE: f"{detail}: the run stopped; the last good checkpoint is "
         f"{checkpoint_uri} (set optim.on_nonfinite=skip to skip such steps)",
         StopReason.DATA: detail,
+        StopReason.CHECKPOINT: detail,
         StopReason.SIGNAL: "stopped by signal after checkpointing; run the same job again to "
         "resume",
         StopReason.INTERRUPT: "interrupted after checkpointing; run the same job again to resume",
     }[reason]
     raise RunStopped(reason, message)
+
+
+def _last_error(e: Exception) -> str:
+    """The first line of what failed: a worker's own exception when Ray names one."""
+    failures = getattr(e, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or getattr(e, "controller_failure", None) or e
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""  # a worker's traceback ends with "Type: message"
+    return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__
 
 
 def _fit_keeping_signals(trainer):
