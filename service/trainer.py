@@ -400,7 +400,7 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
 
 
 def _last_error(e: Exception) -> str:
-    """The first line of what failed: a worker's own exception when Ray names one."""
+    """One line on what failed: the last line of a worker's own exception when Ray names one."""
     failures = getattr(e, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or getattr(e, "controller_failure", None) or e
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
