@@ -110,6 +110,16 @@ def test_sweep_nests_trials_stops_the_worst_with_asha_and_records_the_best(
     for c in stopped:
         assert c.info.status == "KILLED"
         assert c.data.metrics["loss"] > good.data.metrics["loss"]
+    # a stopped trial's run ends when Tune stops it, before the next trial starts, not only
+    # when the sweep ends (a killed sweep would leave it RUNNING)
+    starts = sorted(c.info.start_time for c in children)
+    assert any(c.info.end_time < starts[-1] for c in stopped), [
+        (c.info.start_time, c.info.end_time) for c in children
+    ]
+    # the best trial's best checkpoint model is the sweep's champion
+    champion = client.get_model_version_by_alias("sw", "champion")
+    assert champion.run_id == good.info.run_id
+    assert parent.data.tags["maskclip.registered_model"] == "models:/sw@champion"
 
     # the best trial on the parent, the table and the plot as artifacts
     assert parent.data.tags["maskclip.best_trial"] == good.data.tags["mlflow.runName"]
