@@ -53,7 +53,6 @@ SPEC_FILE = "job.yaml"
 ENTRYPOINT = f"maskclip run {CONFIG_DIR}/{SPEC_FILE}"
 UID = 1000
 HOME = "/home/maskclip"
-STOP_GRACE_S = 120
 
 MAX_NAME = 47
 """KubeRay refuses RayJob names over 47 characters (it appends 6 to name the RayCluster, whose
@@ -321,7 +320,7 @@ def render_rayjob(
     namespace: str = DEFAULT_NAMESPACE,
     *,
     ttl_seconds_after_finished: int = 3600,
-    backoff_limit: int = 0,
+    backoff_limit: int | None = None,
     active_deadline_seconds: int | None = None,
     shm_size: str = "10Gi",
 ) -> dict[str, Any]:
@@ -341,7 +340,10 @@ def render_rayjob(
             "name": "ray-head",
             "image": image,
             "ports": [{"name": n, "containerPort": p} for n, p in RAY_PORTS.items()],
-            "env": [*env, {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)}],
+            "env": [
+                *env,
+                {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(spec.cluster.stop_grace_s)},
+            ],
             "resources": HEAD_RESOURCES,
         },
         config_map=cm,
@@ -387,7 +389,7 @@ def render_rayjob(
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": int(ttl_seconds_after_finished),
-        "backoffLimit": int(backoff_limit),
+        "backoffLimit": int(spec.cluster.backoff_limit if backoff_limit is None else backoff_limit),
         "rayClusterSpec": {
             "rayVersion": RAY_VERSION,
             # KubeRay reads the token from this Secret (key auth_token) for its own dashboard
@@ -414,6 +416,15 @@ def render_rayjob(
         },
         "submitterPodTemplate": submitter,
     }
+    for template in (head, worker):  # stopping checkpoints first: give it the time
+        template["spec"]["terminationGracePeriodSeconds"] = spec.cluster.stop_grace_s + 30
+    c = spec.cluster
+    if c.gcs_redis_address:
+        gcs: dict[str, Any] = {"redisAddress": c.gcs_redis_address}
+        if c.gcs_redis_auth_from:
+            ref = {"name": c.gcs_redis_auth_from, "key": "password"}
+            gcs["redisPassword"] = {"valueFrom": {"secretKeyRef": ref}}
+        job_spec["rayClusterSpec"]["gcsFaultToleranceOptions"] = gcs
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = int(active_deadline_seconds)
     rayjob = {

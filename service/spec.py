@@ -328,6 +328,22 @@ class CheckpointSection(Section):
     """Worker failures survived per run (restart from the last checkpoint)."""
 
 
+class ClusterSection(Section):
+    """What a Kubernetes cluster does around the run (`maskclip render`); ignored locally."""
+
+    backoff_limit: Annotated[int, Field(ge=0)] = 1
+    """RayJob retries of the whole job (a new Ray cluster each; the run resumes from its last
+    checkpoint). Worker failures inside one cluster are checkpoint.max_failures."""
+    gcs_redis_address: str | None = None
+    """host:port of an external Redis for Ray's GCS fault tolerance: the head can restart
+    without losing the running job. None: no GCS fault tolerance."""
+    gcs_redis_auth_from: str | None = None
+    """Name of a Kubernetes Secret whose key `password` is the Redis password (never the
+    password itself)."""
+    stop_grace_s: PosInt = 120
+    """Seconds a stopping job has to checkpoint; pods get this plus 30 s before SIGKILL."""
+
+
 class TrackingSection(Section):
     enabled: bool = True
     """Log parameters, metrics and the model to MLflow."""
@@ -357,6 +373,8 @@ class JobSpec(Section):
     """Ray Train workers and their resources."""
     checkpoint: CheckpointSection = CheckpointSection()
     """Where and how often checkpoints are written."""
+    cluster: ClusterSection = ClusterSection()
+    """Kubernetes (KubeRay) job retries, GCS fault tolerance and stop grace."""
     tracking: TrackingSection = TrackingSection()
     """MLflow tracking."""
     storage: StorageSection = StorageSection()

@@ -191,7 +191,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--namespace", default="maskclip", help="Kubernetes namespace")
     p.add_argument("--ttl", type=int, default=3600, help="ttlSecondsAfterFinished (default 3600)")
-    p.add_argument("--backoff-limit", type=int, default=0, help="RayJob retries (default 0)")
+    p.add_argument(
+        "--backoff-limit",
+        type=int,
+        default=None,
+        help="RayJob retries (default: the spec's cluster.backoff_limit)",
+    )
     p.add_argument(
         "--active-deadline", type=int, default=None, metavar="SECONDS", help="activeDeadlineSeconds"
     )

@@ -87,7 +87,7 @@ def test_rayjob_shape(spec_path):
     assert spec["entrypoint"] == "maskclip run /config/job.yaml"
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] > 0 and spec["backoffLimit"] == 0
+    assert spec["ttlSecondsAfterFinished"] > 0 and spec["backoffLimit"] == 1  # cluster: default
     assert "activeDeadlineSeconds" not in spec
 
     cluster = spec["rayClusterSpec"]
@@ -440,3 +440,35 @@ def test_local_run_has_no_one_to_wait_for():
             ),
             [{"CPU": 2.0}],
         )
+
+
+def test_job_retries_gcs_fault_tolerance_and_stop_grace_come_from_the_spec(spec_path):
+    """cluster.backoff_limit, an external Redis for GCS fault tolerance (its password from a
+    Secret) and the stop grace period reach the RayJob, which still validates against the CRD."""
+    require_kuberay_schemas("RayJob")
+    overrides = [
+        "cluster.backoff_limit=3",
+        "cluster.gcs_redis_address=redis.maskclip.svc:6379",
+        "cluster.gcs_redis_auth_from=maskclip-redis",
+        "cluster.stop_grace_s=200",
+    ]
+    docs = _docs(spec_path, overrides)
+    job = _rayjob(docs)
+    assert validate_manifest(job) == [], validate_manifest(job)
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 3
+    assert spec["rayClusterSpec"]["gcsFaultToleranceOptions"] == {
+        "redisAddress": "redis.maskclip.svc:6379",
+        "redisPassword": {
+            "valueFrom": {"secretKeyRef": {"name": "maskclip-redis", "key": "password"}}
+        },
+    }
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (worker,) = [g["template"]["spec"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    assert head["terminationGracePeriodSeconds"] == worker["terminationGracePeriodSeconds"] == 230
+    env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == "200"
+    assert "gcsFaultToleranceOptions" not in _rayjob(_docs(spec_path))["spec"]["rayClusterSpec"]
+    assert (
+        _rayjob(_docs(spec_path, backoff_limit=0))["spec"]["backoffLimit"] == 0
+    )  # --backoff-limit
