@@ -99,3 +99,32 @@ def test_a_server_that_never_answers_costs_logging_nothing_and_losses_are_counte
 def test_start_run_returns_none_when_server_is_unreachable(capsys):
     assert start_run("http://127.0.0.1:9", "t", "job", {}, {}) is None
     assert "training continues" in capsys.readouterr().err
+
+
+def test_dataset_digest_follows_the_files_and_runs_carry_source_tags(tmp_path):
+    """The dataset input's digest is the same for the same files and changes when a shard is
+    added; a run made with the client carries user, entry point and git commit tags."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.storage import resolve_source
+    from service.tracking import dataset_input, log_datasets
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    table = pa.table({"jpg": [b"x"], "caption": ["a"]})
+    pq.write_table(table, folder / "shard-00000.parquet")
+    first = dataset_input(resolve_source(str(folder)), "train").dataset
+    again = dataset_input(resolve_source(str(folder)), "train").dataset
+    pq.write_table(table, folder / "shard-00001.parquet")
+    grown = dataset_input(resolve_source(str(folder)), "train").dataset
+    assert first.digest == again.digest != grown.digest and len(first.digest) == 16
+    assert str(folder) in first.source and '"files": 2' in grown.profile
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = start_run(uri, "t", "job", {}, {})
+    log_datasets(uri, run_id, {"train": resolve_source(str(folder)), "val": None})
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [grown.digest]
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
