@@ -29,6 +29,7 @@ log = terminal.get_logger(__name__)
 
 # worker prints reach the terminal once (Ray Train's print patch would log them a second time)
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
 
 
 def init_ray(spec: JobSpec, log_dir: Path | None = None) -> None:
@@ -79,16 +80,25 @@ def start_local_ray(**options) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     terminal.phase(f"starting a local Ray (dashboard http://127.0.0.1:{port})")
-    ray.init(
-        address="local",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        log_to_driver=True,
-        **{"object_store_memory": 512 * 1024**2, **options},
-    )
+    # for the Ray processes started now, which keep it; not for this process, whose later Jobs
+    # API clients (e.g. in a test session) would be sent to this dashboard whatever their address
+    previous = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=True,
+            **{"object_store_memory": 512 * 1024**2, **options},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous
 
 
 def check_fits(spec: JobSpec, nodes: list[dict] | None = None) -> None:
