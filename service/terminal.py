@@ -27,6 +27,9 @@ import threading
 from pathlib import Path
 
 ROOT = "maskclip"
+RESULT = 25
+"""The level of a command's results (a run's summary, a sweep's table): shown under -q too."""
+logging.addLevelName(RESULT, "RESULT")
 RAY_LOG = "ray.log"
 """The file, in the run's output folder, that receives Ray's own log lines."""
 
@@ -80,8 +83,8 @@ def _write(text: str, stream) -> None:
 
 
 def configure(verbosity: int = 0, *, worker: bool = False) -> None:
-    """Set up the `maskclip` logger once (idempotent): verbosity -1 (--quiet) shows warnings
-    and errors, 0 the product's lines, 1 (-v) debug lines and Ray's own output."""
+    """Set up the `maskclip` logger once (idempotent): verbosity -1 (--quiet) shows results,
+    warnings and errors, 0 the product's lines, 1 (-v) debug lines and Ray's own output."""
     _state["verbosity"] = verbosity
     _state["stderr"] = False
     logger = logging.getLogger(ROOT)
@@ -89,7 +92,7 @@ def configure(verbosity: int = 0, *, worker: bool = False) -> None:
         if isinstance(h, _Std):
             logger.removeHandler(h)
     logger.addHandler(_Std(to_stdout=worker))
-    logger.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else 20)
+    logger.setLevel(RESULT if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
     logger.propagate = False
 
 
@@ -255,6 +258,8 @@ def _autoscaler_events(lines: list[str]) -> list[str]:
 def product_line(line: str) -> None:
     """A rank-0 line of the training loop: `step N/M ...` drives the progress bar on a terminal;
     every other line (validation, warnings, resume) is printed above it."""
+    if _state["verbosity"] < 0 and not line.startswith(("warning:", "error:")):
+        return  # -q: the worker's warnings only
     m = _STEP.match(line)
     if m is None or not _is_tty():
         _write(line, sys.stdout)

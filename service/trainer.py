@@ -381,20 +381,22 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
                 log.info(f"registered model: models:/{champion}")
     ray.kill(control)
 
-    log.info(
+    log.log(
+        terminal.RESULT,
         f"\nrun {spec.run.name}: step {final.get('step', '?')}/{steps}, "
         f"loss {final.get('loss', float('nan')):.4f}, data rows {stats['rows_seen']} "
-        f"({stats['rows_bad']} skipped, {stats['rows_not_downloaded']} not downloaded)"
+        f"({stats['rows_bad']} skipped, {stats['rows_not_downloaded']} not downloaded)",
     )
     if final.get("restored_from", -1) >= 0:
-        log.info(
-            f"  (a worker restart resumed from the checkpoint at step {final['restored_from']})"
+        log.log(
+            terminal.RESULT,
+            f"  (a worker restart resumed from the checkpoint at step {final['restored_from']})",
         )
     for k, v in sorted(final.items()):
         if k.startswith("val_"):
-            log.info(f"  {k}: {v:.4f}")
-    log.info(f"checkpoint: {checkpoint_uri}")
-    log.info(f"mlflow run: {run_id}")
+            log.log(terminal.RESULT, f"  {k}: {v:.4f}")
+    log.log(terminal.RESULT, f"checkpoint: {checkpoint_uri}")
+    log.log(terminal.RESULT, f"mlflow run: {run_id}")
     if reason is None:
         return result
     message = {

@@ -348,9 +348,9 @@ def print_table(cells: list[list[str]]) -> None:
     shown = [row[:-2] for row in cells]  # checkpoint / run id: in trials.csv, too wide here
     widths = [max(len(row[i]) for row in shown) for i in range(len(shown[0]))]
     for i, row in enumerate(shown):
-        log.info("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        log.log(terminal.RESULT, "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
-            log.info("  ".join("-" * w for w in widths))
+            log.log(terminal.RESULT, "  ".join("-" * w for w in widths))
 
 
 def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
@@ -479,16 +479,17 @@ def run_sweep(spec: JobSpec):
         reconcile_runs(uri, parent, rows)
     best = best_row(rows, mode)
     cells = table(rows, sweep)
-    log.info(
+    log.log(
+        terminal.RESULT,
         f"\nsweep {name}: {len(rows)} trials "
         f"({sum(r.status == 'completed' for r in rows)} completed, "
         f"{sum(r.status == 'early_stopped' for r in rows)} stopped early, "
-        f"{sum(r.status == 'error' for r in rows)} failed)"
+        f"{sum(r.status == 'error' for r in rows)} failed)",
     )
     print_table(cells)
     for r in rows:
         if r.error:
-            log.info(f"  {r.run_name}: {r.error}")
+            log.log(terminal.RESULT, f"  {r.run_name}: {r.error}")
 
     if uri and parent:
         tracker = Tracker(uri, parent)
@@ -519,13 +520,14 @@ def run_sweep(spec: JobSpec):
         tracker.end("FAILED" if all_failed else "FINISHED")
 
     if best is not None:
-        log.info(
+        log.log(
+            terminal.RESULT,
             f"best trial: {best.run_name} ({sweep.metric} {_fmt(best.value)}; "
             + ", ".join(f"{p}={_fmt(v)}" for p, v in best.params.items())
-            + ")"
+            + ")",
         )
-    log.info(f"best checkpoint: {best.checkpoint if best else 'none'}")
-    log.info(f"mlflow run: {parent}")
+    log.log(terminal.RESULT, f"best checkpoint: {best.checkpoint if best else 'none'}")
+    log.log(terminal.RESULT, f"mlflow run: {parent}")
     if rows and all(r.status == "error" for r in rows):
         raise RunStopped(
             StopReason.FAILED,

@@ -125,8 +125,13 @@ def test_quiet_and_verbose_flags(synth_parquet, tmp_path, capsys):
     assert terminal.verbosity() == -1
     terminal.get_logger("test").info("an info line")
     terminal.get_logger("test").warning("a warning")
+    terminal.get_logger("test").log(terminal.RESULT, "checkpoint: somewhere")
+    terminal.product_line("step 2/4  loss 1.0")  # a worker's progress: hidden under -q
+    terminal.product_line("warning: non-finite loss at step 3; step skipped")  # shown
     out, err = capsys.readouterr()
     assert out.startswith("# run quiet: starts fresh") and "an info line" not in out
+    assert out.endswith("checkpoint: somewhere\nwarning: non-finite loss at step 3; step skipped\n")
+    assert "step 2/4" not in out
     assert err == "warning: a warning\n"
     assert main(["validate", str(job), "-v"]) == 0
     assert terminal.verbosity() == 1
