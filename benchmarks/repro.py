@@ -41,10 +41,10 @@ METRICS = (
     ("zero_shot_top1", "zero-shot top-1"),
     ("zero_shot_top5", "zero-shot top-5"),
     ("linear_probe_top1", "linear-probe top-1"),
-    ("image_to_text_R@1", "img→text R@1"),
-    ("image_to_text_R@10", "img→text R@10"),
-    ("text_to_image_R@1", "text→img R@1"),
-    ("text_to_image_R@10", "text→img R@10"),
+    ("image_to_text_R1", "img→text R@1"),
+    ("image_to_text_R10", "img→text R@10"),
+    ("text_to_image_R1", "text→img R@1"),
+    ("text_to_image_R10", "text→img R@10"),
     ("step_time_s", "step time (s)"),
     ("final_loss_contrastive", "final contrastive loss"),
     ("final_logit_scale", "final logit scale"),
@@ -370,7 +370,8 @@ def main() -> int:
                 )
                 continue
             res = json.loads(out_json.read_text())
-            metrics = dict(res["metrics"])
+            # evaluations written before the metric names lost their "@" read the same
+            metrics = {k.replace("R@", "R"): v for k, v in res["metrics"].items()}
             run_id = res["checkpoint"].get("mlflow_run_id")
             metrics.update(training_end(uri, run_id))
             st = step_time(uri, run_id, spec.optim.batch_size)

@@ -6,7 +6,7 @@ data (the service's evaluation does, and feeds batches to `encode_features`).
     feats = encode_features(model, [{"image": x, "tokens": t}, ...])   # {"image": [N, D], ...}
     clf = zero_shot_classifier(model.encode_text, tok, class_names(), templates("shapes"))
     zero_shot_accuracy(image_features, clf, labels)     # {"top1": ..., "top5": ...}
-    retrieval_recall(image_features, text_features)     # {"image_to_text_R@1": ..., ...}
+    retrieval_recall(image_features, text_features)     # {"image_to_text_R1": ..., ...}
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def retrieval_recall(
     out = {}
     for name, ranks, candidates in (("image_to_text", i2t, n_txt), ("text_to_image", t2i, n)):
         for k in ks:
-            out[f"{name}_R@{k}"] = (ranks < min(k, candidates)).float().mean().item()
+            out[f"{name}_R{k}"] = (ranks < min(k, candidates)).float().mean().item()
     return out
 
 

@@ -9,7 +9,7 @@ No Ray: Parquet is read with pyarrow (service.storage) in bounded batches, image
 
     result = evaluate("runs/checkpoints/quickstart", zero_shot="data/shapes/val",
                       retrieval="data/shapes/val", linear_probe="data/fmnist")
-    result["metrics"]   # {"zero_shot_top1": ..., "image_to_text_R@1": ..., "linear_probe_top1": ...}
+    result["metrics"]   # {"zero_shot_top1": ..., "image_to_text_R1": ..., "linear_probe_top1": ...}
 
 What can be evaluated (`resolve_checkpoint`):
     runs/checkpoints/<run>/checkpoint_000003   a checkpoint folder (state.pt + meta.json ...)
@@ -691,9 +691,7 @@ def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
         columns=Columns.of(spec.data),
         storage=spec.storage,
     )
-    from .tracking import metric_name  # one name in the spec, Tune and MLflow: R@1 -> R1
-
-    return {f"val_{metric_name(k)}": v for k, v in result.metrics.items()}
+    return {f"val_{k}": v for k, v in result.metrics.items()}  # one name in spec, Tune, MLflow
 
 
 def read_templates(value: str | list[str] | None) -> str | list[str] | None:

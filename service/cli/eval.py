@@ -27,7 +27,8 @@ def _label(name: str) -> tuple[str, str]:
         return _LABELS[name]
     if name.startswith(("image_to_text_", "text_to_image_")):
         direction, k = name.rsplit("_", 1)
-        return f"{direction.replace('_to_', '->').replace('image', 'img')} {k}", "retrieval"
+        shown = k.replace("R", "R@", 1)  # image_to_text_R10 -> img->text R@10
+        return f"{direction.replace('_to_', '->').replace('image', 'img')} {shown}", "retrieval"
     return name, ""
 
 
@@ -124,7 +125,12 @@ def register(subparsers) -> None:
         description="RUN_OR_CHECKPOINT: a checkpoint folder, a run folder (newest checkpoint), "
         "s3://..., runs:/<mlflow run id> or a bare MLflow run id, or a model/ artifact folder.",
     )
-    p.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument(
+        "ref",
+        metavar="RUN_OR_CHECKPOINT",
+        help="checkpoint or run folder, s3://..., runs:/<run id>, a run id, or "
+        "models:/<name>@<alias> (e.g. models:/quickstart@champion)",
+    )
     p.add_argument("--zero-shot", metavar="DATA", help="labelled Parquet data (label column)")
     p.add_argument("--retrieval", metavar="DATA", help="Parquet image-caption pairs")
     p.add_argument("--linear-probe", metavar="ROOT", help="a dataset root with train/ and test/")

@@ -66,7 +66,7 @@ def test_zero_shot_accuracy_perfect_and_wrong():
 def test_retrieval_identity():
     out = retrieval_recall(torch.eye(8), 3 * torch.eye(8), ks=(1, 5, 10))
     assert set(out) == {
-        f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+        f"{d}_R{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
     }
     assert all(v == 1.0 for v in out.values())
 
@@ -75,9 +75,9 @@ def test_retrieval_permutation():
     perm = torch.tensor([0, 1, 2, 3, 4, 5, 7, 6, 9, 8])  # last four swapped in pairs
     out = retrieval_recall(torch.eye(10), torch.eye(10)[perm], ks=(1, 5, 10))
     for d in ("image_to_text", "text_to_image"):
-        assert out[f"{d}_R@1"] == pytest.approx(0.6)
-        assert out[f"{d}_R@5"] == pytest.approx(0.6)  # zero-similarity ties count against
-        assert out[f"{d}_R@10"] == 1.0
+        assert out[f"{d}_R1"] == pytest.approx(0.6)
+        assert out[f"{d}_R5"] == pytest.approx(0.6)  # zero-similarity ties count against
+        assert out[f"{d}_R10"] == 1.0
 
 
 def test_retrieval_shifted_pairs():
@@ -85,17 +85,17 @@ def test_retrieval_shifted_pairs():
     img = torch.randn(20, 512, generator=g)
     txt = img.roll(-1, dims=0)  # text i is image i+1: the true pair is never the best match
     out = retrieval_recall(img, txt, ks=(1, 20))
-    assert out["image_to_text_R@1"] == 0.0 and out["text_to_image_R@1"] == 0.0
-    assert out["image_to_text_R@20"] == 1.0
+    assert out["image_to_text_R1"] == 0.0 and out["text_to_image_R1"] == 0.0
+    assert out["image_to_text_R20"] == 1.0
 
 
 def test_retrieval_asymmetric():
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01]])
     out = retrieval_recall(img, txt, ks=(1, 2))
-    assert out["image_to_text_R@1"] == 1.0
-    assert out["text_to_image_R@1"] == pytest.approx(2 / 3)
-    assert out["text_to_image_R@2"] == 1.0
+    assert out["image_to_text_R1"] == 1.0
+    assert out["text_to_image_R1"] == pytest.approx(2 / 3)
+    assert out["text_to_image_R2"] == 1.0
 
 
 def test_retrieval_needs_pairs():
@@ -142,15 +142,15 @@ def test_retrieval_duplicate_captions_are_one_candidate():
     img = torch.eye(3)[cls] + 0.01 * torch.arange(6.0)[:, None]  # images near their class axis
     txt = torch.eye(3)[cls]
     plain = retrieval_recall(img, txt, ks=(1,))
-    assert plain["image_to_text_R@1"] == 0.0  # the duplicate caption ties and counts against
+    assert plain["image_to_text_R1"] == 0.0  # the duplicate caption ties and counts against
     grouped = retrieval_recall(img, txt, ks=(1, 2), caption_ids=cls)
-    assert grouped["image_to_text_R@1"] == 1.0
-    assert grouped["text_to_image_R@1"] == 1.0  # any image of the caption is a hit
+    assert grouped["image_to_text_R1"] == 1.0
+    assert grouped["text_to_image_R1"] == 1.0  # any image of the caption is a hit
     # Swap the images of class 1 and 2: every class-1/2 query now misses at rank 1.
     swapped = retrieval_recall(img[[0, 1, 4, 5, 2, 3]], txt, ks=(1, 3), caption_ids=cls)
-    assert swapped["image_to_text_R@1"] == pytest.approx(2 / 6)
-    assert swapped["text_to_image_R@1"] == pytest.approx(2 / 6)
-    assert swapped["image_to_text_R@3"] == 1.0  # only 3 distinct captions to rank
+    assert swapped["image_to_text_R1"] == pytest.approx(2 / 6)
+    assert swapped["text_to_image_R1"] == pytest.approx(2 / 6)
+    assert swapped["image_to_text_R3"] == 1.0  # only 3 distinct captions to rank
 
 
 def test_retrieval_caption_ids_length_checked():
