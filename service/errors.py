@@ -59,7 +59,14 @@ class StopReason(str, enum.Enum):
 
     @property
     def exit_code(self) -> int:
-        return {"signal": 143, "interrupt": 130, "data": 2, "nonfinite": 1, "failed": 1, "checkpoint": 1}[self.value]
+        return {
+            "signal": 143,
+            "interrupt": 130,
+            "data": 2,
+            "nonfinite": 1,
+            "failed": 1,
+            "checkpoint": 1,
+        }[self.value]
 
 
 class RunStopped(Exception):
