@@ -65,9 +65,7 @@ def test_zero_shot_accuracy_perfect_and_wrong():
 
 def test_retrieval_identity():
     out = retrieval_recall(torch.eye(8), 3 * torch.eye(8), ks=(1, 5, 10))
-    assert set(out) == {
-        f"{d}_R{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
-    }
+    assert set(out) == {f"{d}_R{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
     assert all(v == 1.0 for v in out.values())
 
 
