@@ -1,8 +1,10 @@
-"""Caption tokenizer: a byte-level BPE (HuggingFace `tokenizers`) trained on the captions.
+"""Caption tokenizer (HuggingFace `tokenizers`): a byte-level BPE trained on the captions, or
+the standard CLIP BPE (49,408 tokens) built from the vocabulary file open_clip ships.
 
-Nothing is ever downloaded: train on the run's captions, then save the tokenizer with the checkpoint.
+Nothing is ever downloaded; the tokenizer is saved with every checkpoint.
 
     tok = Tokenizer.train(captions, vocab_size=4096, context_length=32)
+    tok = Tokenizer.clip(context_length=77)      # the same ids as open_clip's tokenizer
     ids = tok.encode(["a red circle", "a blue square"])  # LongTensor [2, 32]
     tok2 = Tokenizer.from_json(tok.to_json())
 """
@@ -20,6 +22,26 @@ from tokenizers import Tokenizer as HFTokenizer
 PAD, SOT, EOT, MASK, UNK = "<pad>", "<sot>", "<eot>", "<mask>", "<unk>"
 SPECIAL_TOKENS = (PAD, SOT, EOT, MASK, UNK)  # PAD first, so pad_id == 0
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_BYTE_TO_UNICODE = _bytes_to_unicode()
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+"""CLIP's word split (open_clip's SimpleTokenizer pattern)."""
 
 
 class Tokenizer:
@@ -62,6 +84,41 @@ class Tokenizer:
             show_progress=False,
         )
         hf.train_from_iterator((str(t) for t in texts), trainer=trainer)
+        return cls(hf, context_length)
+
+    @classmethod
+    def clip(cls, context_length: int = 77) -> Tokenizer:
+        """OpenAI CLIP's BPE (lower-cased, `</w>` word ends), from open_clip's shipped
+        `bpe_simple_vocab_16e6.txt.gz`: its 49,408 tokens keep CLIP's ids, so text towers of
+        different runs share one vocabulary; this class's five special tokens follow them.
+        (open_clip's extra `ftfy` text repair is not applied.)"""
+        import gzip
+        import importlib.util
+
+        spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the CLIP tokenizer needs open_clip_torch (pip install open_clip_torch)")
+        path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+        lines = gzip.open(path).read().decode("utf-8").split("\n")
+        merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+        byte_chars = list(_BYTE_TO_UNICODE.values())  # CLIP's order: printable bytes first
+        vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+        vocab_list += ["".join(m) for m in merges] + ["<start_of_text>", "<end_of_text>"]
+        vocab = {tok: i for i, tok in enumerate(vocab_list)}
+        hf = HFTokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=None))
+        hf.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        # a word end becomes a byte-level space, then bytes become text (CLIP's own decode)
+        space = _BYTE_TO_UNICODE[ord(" ")]
+        hf.decoder = decoders.Sequence([decoders.Replace("</w>", space), decoders.ByteLevel()])
+        hf.add_special_tokens(list(SPECIAL_TOKENS))
         return cls(hf, context_length)
 
     @property

@@ -144,6 +144,10 @@ def _library_field(key: str) -> tuple[Any, Any]:
 class _ModelBase(Section):
     size: str = "maskclip_tiny"
     """A registered model size (maskclip.registry): tower widths, depths, patch and image size."""
+    tokenizer: Literal["trained", "clip"] = "trained"
+    """'trained': a BPE of vocab_size tokens trained on the run's captions (fits a small
+    vocabulary; text towers of two runs are not comparable). 'clip': OpenAI CLIP's standard BPE
+    (49,408 tokens, shipped by open_clip_torch), the same for every run; vocab_size is unused."""
     vocab_size: Annotated[int, Field(ge=300)] = 4096
     """BPE vocabulary trained on the training captions (saved with every checkpoint)."""
 

@@ -147,12 +147,15 @@ def storage(spec: JobSpec):
 
 def prepare_tokenizer(spec: JobSpec, latest, fs=None, train: Source | None = None) -> str:
     """The tokenizer as JSON: the checkpoint's on resume (so prompts tokenize exactly as in
-    training), else a BPE trained on a sample of the training captions. `fs` is the
+    training), else CLIP's standard BPE (model.tokenizer 'clip') or a BPE trained on a sample
+    of the training captions. `fs` is the
     checkpoint filesystem and `train` the resolved data.train the caller already holds
     (looked up from the spec if not given)."""
     if latest is not None:
         path, _ = latest
         return ckpt.read_text(path, "tokenizer.json", fs if fs is not None else storage(spec)[1])
+    if spec.model.tokenizer == "clip":
+        return Tokenizer.clip(spec.context_length).to_json()
     d = spec.data
     train = train or resolve_source(d.train, spec.storage, "data.train")
     terminal.phase(

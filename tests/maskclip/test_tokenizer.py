@@ -96,3 +96,28 @@ def test_context_length_saved(tmp_path):
     t = Tokenizer.train(CAPTIONS, vocab_size=300, context_length=5)
     t.save(tmp_path / "t.json")
     assert Tokenizer.load(tmp_path / "t.json").encode("a b c d e f").shape == (1, 5)
+
+
+def test_clip_tokenizer_gives_open_clip_ids_from_its_shipped_vocabulary():
+    """model.tokenizer: clip — the standard CLIP BPE, built from the vocabulary file open_clip
+    ships (no download), tokenizes exactly as open_clip's own tokenizer."""
+    import open_clip
+
+    tok = Tokenizer.clip(context_length=32)
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    texts = [
+        "a photo of a cat.",
+        "A small RED circle on the left of a blue background",
+        "T-shirt/top, ankle boot!!",
+        "it's 42 o'clock — naïve café",
+        "emoji 🙂 and 中文, tabs\tand\nnewlines",
+    ]
+    ours, theirs = tok.encode(texts), reference(texts)
+    for i, text in enumerate(texts):
+        mine = [t for t in ours[i].tolist() if t not in tok.special_ids]
+        clip = [t for t in theirs[i].tolist() if t not in (0, 49406, 49407)]
+        assert mine == clip, text
+    assert tok.vocab_size == 49408 + 5  # CLIP's ids, then this class's special tokens
+    assert tok.decode(ours[3]) == "it 's 4 2 o ' clock — naïve café"
+    again = Tokenizer.from_json(tok.to_json())
+    assert torch.equal(again.encode(texts), ours)

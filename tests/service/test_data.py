@@ -477,3 +477,21 @@ def test_a_crawl_with_30_percent_failed_downloads_trains_and_says_so(ray_local, 
     metrics = mlflow.MlflowClient(db).get_run(run_id).data.metrics
     assert metrics["data_rows_not_downloaded"] == missing
     assert metrics["data_rows_bad"] == bad
+
+
+def test_model_tokenizer_clip_uses_the_standard_vocabulary_without_reading_captions(
+    make_spec, synth_parquet, monkeypatch
+):
+    """Two runs with model.tokenizer: clip get the same tokenizer, whatever their captions."""
+    from maskclip.tokenizer import Tokenizer
+    from service import data
+    from service.trainer import prepare_tokenizer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the captions were sampled")
+
+    monkeypatch.setattr(data, "sample_captions", never)
+    spec = make_spec(model={"size": "maskclip_nano", "tokenizer": "clip"})
+    tok = Tokenizer.from_json(prepare_tokenizer(spec, None))
+    assert tok.vocab_size == Tokenizer.clip().vocab_size == 49413
+    assert tok.to_json() == Tokenizer.clip(spec.context_length).to_json()
