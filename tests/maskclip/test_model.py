@@ -157,3 +157,70 @@ def test_configs_check_their_values():
         DistillConfig(masks_per_image=0)
     docs = field_docs(DistillConfig)
     assert [f.name for f in dataclasses.fields(DistillConfig) if not docs.get(f.name)] == []
+
+
+def _masked_batch(model, cfg, seed: int = 0):
+    from maskclip.masking import patch_mask, text_mask
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    tokens = torch.randint(5, cfg.text.vocab_size, (4, cfg.text.context_length), generator=g)
+    tokens[:, 10:] = 0  # padding: the text tower's boolean attention mask is in play
+    mask = patch_mask("random", 2, model.visual.grid, 0.5, g)
+    masked, tmask = text_mask(tokens[:2], 0.3, (0, 1, 2), 3, g)
+    return images, tokens, mask, masked, tmask
+
+
+@pytest.mark.parametrize("mode", ["faithful", "efficient"])
+def test_fused_attention_matches_the_math_path(mode):
+    """Every attention (vision, text with its padding mask, patch decoder) runs
+    F.scaled_dot_product_attention; its outputs equal the explicit softmax(QK^T)V path."""
+    from timm.layers.attention import Attention
+
+    from maskclip.towers import set_fused_attention
+
+    torch.manual_seed(0)
+    cfg = get_config("maskclip_nano", distill={"mode": mode})
+    model = create_model(cfg).eval()
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    expected = cfg.vision.depth + cfg.text.depth + cfg.distill.decoder_depth
+    assert len(attns) == expected and all(m.fused_attn for m in attns)
+    batch = _masked_batch(model, cfg)
+    with torch.no_grad():
+        fused = model(*batch)
+        assert set_fused_attention(model, False) == expected
+        math = model(*batch)
+    assert set(fused) == set(math) and "image_pred" in fused and "text_pred" in fused
+    for key in fused:
+        torch.testing.assert_close(fused[key], math[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "efficient"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mode):
+    torch.manual_seed(0)
+    cfg = get_config("maskclip_nano", distill={"mode": mode})
+    task = MaskCLIPTask(cfg, special_ids=(0, 1, 2), mask_id=3)
+    images, tokens, *_ = _masked_batch(task.student, cfg)
+    kept: list[int] = []
+
+    def loss_and_grads():
+        task.student.zero_grad(set_to_none=True)
+        saved = []  # tensors autograd keeps for backward: fewer when blocks are recomputed
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss, _ = task.training_forward(images, tokens, torch.Generator().manual_seed(3))
+        kept.append(len(saved))
+        loss.backward()
+        return loss.detach(), {
+            n: p.grad.clone() for n, p in task.student.named_parameters() if p.grad is not None
+        }
+
+    plain_loss, plain = loss_and_grads()
+    task.student.set_grad_checkpointing(True)
+    assert task.student.visual.grad_checkpointing and task.student.text.grad_checkpointing
+    assert task.student.image_decoder.grad_checkpointing
+    ckpt_loss, ckpt = loss_and_grads()
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    assert kept[1] < kept[0] / 2, kept
+    assert set(ckpt) == set(plain) and len(plain) > 20
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
