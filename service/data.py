@@ -84,11 +84,12 @@ class DecodeBatch:
         stats_actor_name: str | None,
         keep_caption: bool,
         status_column: str | None = None,
+        draft: bool = True,
     ):
         import torch
 
         from maskclip.tokenizer import Tokenizer
-        from maskclip.transforms import eval_transform, train_transform
+        from maskclip.transforms import draft_min_side, eval_transform, train_transform
 
         torch.set_num_threads(1)
         if train:  # every actor would otherwise draw the same crops (torch's fixed default seed)
@@ -100,6 +101,8 @@ class DecodeBatch:
         self.tokenizer = Tokenizer.from_json(tokenizer_json)
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
         self.image_size = image_size
+        # JPEG draft mode: large JPEGs decode at 1/2..1/8 scale, never below what the crop needs
+        self.min_side = draft_min_side(image_size, train) if draft else None
         self.max_pixels = max_pixels
         self.max_caption_chars = max_caption_chars
         self.keep_caption = keep_caption
@@ -145,6 +148,7 @@ class DecodeBatch:
                 max_caption_chars=self.max_caption_chars,
                 transform=self.transform,
                 need_label=labels_in is not None,
+                min_side=self.min_side,
             )
             if row is None:
                 reasons[why] = reasons.get(why, 0) + 1

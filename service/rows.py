@@ -93,9 +93,11 @@ def image_bytes_reason(data: Any) -> str | None:
     return None
 
 
-def decode_image(data: Any, max_pixels: int = 64_000_000) -> tuple[Any, str | None]:
+def decode_image(
+    data: Any, max_pixels: int = 64_000_000, min_side: int | None = None
+) -> tuple[Any, str | None]:
     """-> (RGB PIL image, None) or (None, reason); maskclip.transforms.decode_image's error
-    types map to the reasons."""
+    types map to the reasons. `min_side`: JPEG draft mode (see maskclip.transforms)."""
     from maskclip.transforms import EmptyImageError, ImageDecodeError, ImageTooLargeError
     from maskclip.transforms import decode_image as decode
 
@@ -103,7 +105,7 @@ def decode_image(data: Any, max_pixels: int = 64_000_000) -> tuple[Any, str | No
     if why is not None:
         return None, why
     try:
-        return decode(data, max_pixels=max_pixels), None
+        return decode(data, max_pixels=max_pixels, min_side=min_side), None
     except EmptyImageError:
         return None, R_EMPTY_IMAGE
     except ImageTooLargeError:
@@ -129,8 +131,10 @@ def clean_row(
     transform: Callable[[Any], Any] | None = None,
     need_caption: bool = True,
     need_label: bool = False,
+    min_side: int | None = None,
 ) -> tuple[Row | None, str | None]:
-    """One row through every rule -> (Row, None) or (None, the first reason it is bad)."""
+    """One row through every rule -> (Row, None) or (None, the first reason it is bad).
+    `min_side`: the decode may shrink a large JPEG down to this shorter side (draft mode)."""
     text = None
     if need_caption:
         text, why = clean_caption(caption, max_caption_chars)
@@ -141,7 +145,7 @@ def clean_row(
         name, why = clean_label(label)
         if why is not None:
             return None, why
-    img, why = decode_image(image, max_pixels)
+    img, why = decode_image(image, max_pixels, min_side)
     if why is not None:
         return None, why
     if transform is not None:

@@ -168,3 +168,66 @@ def test_encode_jpeg():
     assert Image.open(io.BytesIO(encode_jpeg(img))).size == (200, 100)
     assert decode_image(encode_jpeg(_rgb().convert("RGBA"))).mode == "RGB"
     assert len(encode_jpeg(img, quality=95)) > len(encode_jpeg(img, quality=20))
+
+
+# ---------------------------------------------------------------- JPEG draft mode
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    """Smooth colour field plus fine texture: a JPEG that is not trivially compressible."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (h // 40 + 2, w // 40 + 2, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+    a = base + rng.normal(0, 4, (h, w, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def test_draft_min_side_is_what_the_crop_needs():
+    from maskclip.transforms import draft_min_side
+
+    assert draft_min_side(224, train=False) == 224
+    assert draft_min_side(224, train=True) == 366  # ceil(224 / sqrt(0.5 * 3/4))
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "expect"),
+    [
+        ((1024, 768), 366, (512, 384)),  # half scale keeps 384 >= 366
+        ((2000, 1500), 366, (500, 375)),  # quarter scale
+        ((2000, 1500), 180, (250, 188)),  # eighth scale (ceil)
+        ((500, 375), 366, (500, 375)),  # under 2 x min_side: full size
+        ((700, 700), 366, (700, 700)),  # 700 < 732: full size
+        ((1024, 768), None, (1024, 768)),  # no min_side: full size
+    ],
+)
+def test_draft_decodes_large_jpegs_smaller_never_below_min_side(size, min_side, expect):
+    data = _bytes(_photo(*size), "JPEG", quality=90)
+    img = decode_image(data, min_side=min_side)
+    assert img.size == expect and img.mode == "RGB"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_draft_leaves_other_formats_at_full_size(fmt):
+    if fmt == "WEBP" and not HAS_WEBP:
+        pytest.skip("no WebP support in this Pillow")
+    img = decode_image(_bytes(_photo(1024, 768), fmt), min_side=224)
+    assert img.size == (1024, 768)
+
+
+def test_draft_keeps_max_pixels_on_the_full_size():
+    data = _bytes(_photo(1024, 768), "JPEG", quality=90)
+    with pytest.raises(ImageTooLargeError, match="1024x768"):
+        decode_image(data, max_pixels=500_000, min_side=224)
+
+
+def test_draft_output_matches_the_full_decode_after_the_eval_transform():
+    """The 224 px eval view of a drafted 1024x768 JPEG (decoded at 512x384) is within a
+    fraction of a grey level of the full decode's: the DCT-domain downscale is a proper one."""
+    data = _bytes(_photo(1024, 768), "JPEG", quality=90)
+    t = eval_transform(224)
+    full, drafted = t(decode_image(data)), t(decode_image(data, min_side=224))
+    assert full.shape == drafted.shape == (3, 224, 224)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    diff = (full - drafted) * std * 255  # back to grey levels
+    psnr = 10 * torch.log10(255**2 / diff.pow(2).mean())
+    assert psnr > 35, f"PSNR {psnr:.1f} dB"
