@@ -57,6 +57,14 @@ class RunControl:
         seen = self.rows_seen - self.rows_not_downloaded
         return seen >= MIN_ROWS_FOR_BAD_FRACTION and self.rows_bad / seen > max_bad_fraction
 
+    # --- which worker group is the live one (a lost node makes Ray start a new one)
+    def new_generation(self) -> int:
+        self.generation = getattr(self, "generation", 0) + 1
+        return self.generation
+
+    def current_generation(self) -> int:
+        return getattr(self, "generation", 0)
+
     # --- stopping
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         if self.stop_reason is None:

@@ -228,10 +228,13 @@ def log_checkpoint_model(
     step: int,
     metrics: dict[str, float] | None = None,
     name: str = "maskclip",
+    model_id: str | None = None,
 ) -> str | None:
     """Log a model-only checkpoint folder as an MLflow 3 LoggedModel of the run: an output of
-    the run at `step`, its metrics linked to it (`metrics` given), status READY once the files
-    are up. Returns the model id, or None (MLflow down: one warning, training goes on)."""
+    the run at `step`, status READY once the files are up. `model_id`: a model already created
+    by `create_checkpoint_model` (whose metrics the run's own points link: see Tracker);
+    otherwise one is created here and `metrics` are logged linked to it. Returns the model id,
+    or None (MLflow down: one warning, training goes on)."""
     if not (uri and run_id):
         return None
     import tempfile
@@ -242,33 +245,52 @@ def log_checkpoint_model(
         from mlflow.entities import LoggedModelOutput, Metric
 
         client = _client(uri)
+        if model_id is None:
+            model_id = create_checkpoint_model(uri, run_id, step, name)
+            if model_id is None:
+                return None
+            if metrics:
+                ts = int(time.time() * 1000)
+                points = [
+                    Metric(metric_name(k), float(v), ts, step, model_id=model_id)
+                    for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                ]
+                client.log_batch(run_id, metrics=points)
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                folder = save_pyfunc(checkpoint_dir, str(Path(d) / "model"))
+                client.log_model_artifacts(model_id, folder)
+        except Exception:
+            client.finalize_logged_model(model_id, "FAILED")
+            raise
+        client.finalize_logged_model(model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
+        return model_id
+    except Exception as e:  # noqa: BLE001 - tracking never stops training
+        print(
+            f"warning: checkpoint at step {step} not logged as an MLflow model "
+            f"({type(e).__name__}: {str(e)[:120]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
+def create_checkpoint_model(uri: str, run_id: str, step: int, name: str = "maskclip") -> str | None:
+    """A PENDING LoggedModel of the run for the checkpoint at `step`; its files come later
+    (`log_checkpoint_model(..., model_id=...)`). None when MLflow does not answer."""
+    try:
+        client = _client(uri)
         run = client.get_run(run_id)
-        model = client.create_logged_model(
+        return client.create_logged_model(
             run.info.experiment_id,
             name=name,
             source_run_id=run_id,
             params={"step": str(step)},
             tags={"maskclip.step": str(step)},
             model_type="maskclip",
-        )
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                folder = save_pyfunc(checkpoint_dir, str(Path(d) / "model"))
-                client.log_model_artifacts(model.model_id, folder)
-        except Exception:
-            client.finalize_logged_model(model.model_id, "FAILED")
-            raise
-        client.finalize_logged_model(model.model_id, "READY")
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
-        if metrics:
-            ts = int(time.time() * 1000)
-            points = [
-                Metric(metric_name(k), float(v), ts, step, model_id=model.model_id)
-                for k, v in metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            ]
-            client.log_batch(run_id, metrics=points)
-        return model.model_id
+        ).model_id
     except Exception as e:  # noqa: BLE001 - tracking never stops training
         print(
             f"warning: checkpoint at step {step} not logged as an MLflow model "
@@ -387,8 +409,13 @@ class Tracker:
         resumed: bool = False,
         end_timeout_s: float = 30.0,
         system_metrics: bool = False,
+        current=None,
     ):
+        """`current`: a callable that says whether this process is still the run's live rank 0.
+        A worker group that Ray has replaced (a node lost) may live on for a moment; its
+        sender then drops what it holds instead of sending steps the new group logs again."""
         self.uri, self.run_id = uri, run_id
+        self.current = current
         self.enabled = bool(uri and run_id)
         self.max_buffer, self.end_timeout_s = max_buffer, end_timeout_s
         self.dropped = 0
@@ -398,6 +425,7 @@ class Tracker:
         self._wake = threading.Event()
         self._sender: threading.Thread | None = None
         self._warned = False
+        self._models: dict[int, str] = {}  # step -> the LoggedModel its points link to
         self._client = _client(uri) if self.enabled else None
         self.logged_up_to = self._last_logged_step() if resumed else -1
         self._system = self._start_system_metrics(resumed) if system_metrics else None
@@ -476,7 +504,9 @@ class Tracker:
                 if len(self._buffer) >= self.max_buffer:
                     self._buffer.popleft()
                     self.dropped += 1
-                self._buffer.append(Metric(metric_name(k), float(v), ts, step))
+                self._buffer.append(
+                    Metric(metric_name(k), float(v), ts, step, model_id=self._models.get(step))
+                )
         if self._sender is None:
             self._sender = threading.Thread(
                 target=self._send_loop, name="mlflow-sender", daemon=True
@@ -497,6 +527,10 @@ class Tracker:
             return True
         with self._send_lock:
             try:
+                if self.current is not None and not self.current():
+                    with self._lock:  # superseded: the new rank 0 logs these steps itself
+                        self._buffer.clear()
+                    return True
                 while True:
                     with self._lock:
                         chunk = [self._buffer[i] for i in range(min(500, len(self._buffer)))]
@@ -511,6 +545,18 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 self._warn("logging", e)
                 return False
+
+    def sync(self, timeout_s: float = 5.0) -> bool:
+        """Send what is buffered, waiting at most `timeout_s` (the sender goes on after that).
+        Called before a checkpoint is reported: a worker restarted from it then finds every
+        step up to it in MLflow and does not log those steps again."""
+        if not self.enabled or self._warned:
+            return False
+        done: list[bool] = []
+        sender = threading.Thread(target=lambda: done.append(self.flush()), daemon=True)
+        sender.start()
+        sender.join(timeout_s)
+        return bool(done and done[0])
 
     @property
     def pending(self) -> int:
@@ -535,11 +581,29 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self._guarded("tagging", "set_tag", key, value)
 
+    def begin_model(self, step: int) -> str | None:
+        """Before logging the metrics of a step that will be checkpointed: create its
+        LoggedModel, so that this step's points (training and validation) are logged once,
+        linked to it, instead of a second time for the model (the run's history would then
+        hold every checkpoint step twice). Skipped while the server is failing."""
+        if not self.enabled or self._warned or step <= self.logged_up_to:
+            return None
+        model_id = create_checkpoint_model(self.uri, self.run_id, step)
+        if model_id is not None:
+            self._models[step] = model_id
+        return model_id
+
     def log_model(self, checkpoint_dir: str, step: int, metrics: dict | None = None) -> str | None:
         """`log_checkpoint_model` into this run; skipped (None) while the server is failing, so
-        a down server costs a checkpoint no upload timeouts."""
+        a down server costs a checkpoint no upload timeouts. A model begun for this step
+        (`begin_model`) gets its files; its metrics are the step's points, already linked."""
         if not self.enabled or self._warned:
             return None
+        model_id = self._models.pop(step, None)
+        if model_id is not None:
+            return log_checkpoint_model(
+                self.uri, self.run_id, checkpoint_dir, step, model_id=model_id
+            )
         return log_checkpoint_model(self.uri, self.run_id, checkpoint_dir, step, metrics)
 
     def finish(self) -> None:
