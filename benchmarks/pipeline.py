@@ -25,6 +25,23 @@ removed at the end. The data are `--rows` synthetic 32 px rows (service.datasets
 The numbers are noisy on a loaded machine (the load average is printed). The last three lines
 are for scripts: `ray/bare throughput ratio: X.XX`, `data/train throughput ratio: X.XX`,
 `rss 10x/1x ratio: X.XX`.
+
+With `--image-size N` (e.g. 224) it measures the input pipeline alone instead, at real size:
+
+    .venv/bin/python benchmarks/pipeline.py --image-size 224                # 2000 rows, 5 rounds
+    .venv/bin/python benchmarks/pipeline.py --image-size 224 --source-size 1024x768
+    .venv/bin/python benchmarks/pipeline.py --image-size 224 --rows 64 --steps 2   # smoke test
+
+`--rows` photo-like JPEGs (a smooth colour field, texture and noise; `--source-size`, default
+500x375, quality 90, ~65 KB each: what img2dataset keeps of a web photo) are written as shards.
+Then `--steps` rounds (after one untimed warm-up round), each arm in turn within a round:
+bare: service.data.DecodeBatch (the pipeline's own decode + random-resized-crop + tokenize, one
+thread) over the rows already in memory, on one CPU, with JPEG draft mode and without; ray:
+`build_dataset(spec, "train")` iterated alone over `--repeat` (4) copies of the shards, rows/s
+of the whole pass (start-up included: a small part of four times the rows), divided by the CPUs its decode tasks hold (service.data.
+decode_plan: `--cpus` tasks of one CPU). Prints the medians: `decode rows/s per cpu: X` (bare,
+draft), `decode rows/s per cpu without draft: X` and `ray/bare decode ratio: X` (the median of
+the rounds' ratios; goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -337,6 +354,178 @@ def run_rss_child(data_dir: Path, tokenizer: Path, args) -> dict:
     raise SystemExit(f"rss subprocess for {data_dir} failed (exit {proc.returncode}):\n{tail}")
 
 
+# ---------------------------------------------------------------- 4. --image-size: decode alone
+
+
+def photo_rows(n: int, size: tuple[int, int], seed: int = 0, quality: int = 90):
+    """`n` rows {key, jpg, caption} of photo-like JPEGs: a random smooth colour field, a texture
+    and pixel noise, so that they compress like photographs (not like flat shapes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    words = ["a", "photo", "of", "red", "blue", "dog", "cat", "tree", "car", "house", "on", "the"]
+    for i in range(n):
+        cell = int(rng.integers(12, 60))
+        small = rng.integers(0, 256, (h // cell + 2, w // cell + 2, 3), dtype=np.uint8)
+        base = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+        tex = rng.integers(0, 256, (h // 3 + 1, w // 3 + 1, 3), dtype=np.uint8)
+        tex = Image.fromarray(tex).resize((w, h), Image.Resampling.BILINEAR)
+        a = np.asarray(base, np.float32) * 0.75 + np.asarray(tex, np.float32) * 0.2
+        a += rng.normal(0, float(rng.uniform(2, 8)), (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+        caption = " ".join(rng.choice(words, size=int(rng.integers(4, 12))))
+        yield {"key": f"{i:09d}", "jpg": buf.getvalue(), "caption": caption}
+
+
+def decode_spec(root: Path, train: Path, args):
+    from service.spec import build_spec
+
+    return build_spec(
+        {
+            "run": {"name": RUN_NAME, "output_dir": str(root / "runs"), "seed": 0},
+            "model": {"size": "maskclip_tiny", "vocab_size": 1000, "image_size": args.image_size},
+            "data": {"train": str(train)},
+            "optim": {"batch_size": 32, "max_steps": 1},
+            "scaling": {"num_workers": 1, "data_cpus_per_worker": args.cpus},
+            "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+        }
+    )
+
+
+def decoder_kwargs(spec, tokenizer_json: str) -> dict:
+    """DecodeBatch's arguments as build_dataset gives them for "train"."""
+    d = spec.data
+    return {
+        "image_column": d.image_column,
+        "caption_column": d.caption_column,
+        "label_column": None,
+        "tokenizer_json": tokenizer_json,
+        "image_size": spec.image_size,
+        "train": True,
+        "max_pixels": d.max_image_pixels,
+        "max_caption_chars": d.max_caption_chars,
+        "stats_actor_name": None,
+        "keep_caption": False,
+    }
+
+
+def bare_decode(decoder, batches: list[dict]) -> float:
+    """Rows/s of `decoder` over in-memory column batches, in this process (one thread)."""
+    t0, rows = time.perf_counter(), 0
+    for cols in batches:
+        for out in decoder(cols):
+            rows += len(out["image"])
+    return rows / (time.perf_counter() - t0)
+
+
+def ray_decode(ds, batch_size: int) -> float:
+    """Rows/s of the dataset iterated alone, start-up included (the data are `--repeat` times
+    the bare arm's rows, so that it is a small part)."""
+    t0, rows = time.perf_counter(), 0
+    for batch in ds.iter_batches(batch_size=batch_size):
+        rows += len(batch["image"])
+    return rows / (time.perf_counter() - t0)
+
+
+def decode_main(args) -> None:
+    from service import data
+    from service.data import DecodeBatch
+    from service.datasets import write_shards
+    from service.storage import resolve_source
+
+    w, _, h = args.source_size.partition("x")
+    size = (int(w), int(h))
+    rounds = args.steps if args.steps is not None else 5
+    rows = args.rows if args.rows is not None else 2000
+    args.cpus = args.cpus or max(1, os.cpu_count() or 1)
+    root = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    t_start = time.perf_counter()
+    try:
+        print(f"{load()}; temp folder {root}", flush=True)
+        out = root / "photos"
+        stats = write_shards(
+            photo_rows(rows, size), str(out), max(1, rows // 2), progress=False, total=rows
+        )
+        nbytes = sum(p.stat().st_size for p in out.glob("*.parquet"))
+        print(
+            f"data: {stats['rows']} {size[0]}x{size[1]} q90 JPEGs in {stats['shards']} shards, "
+            f"{nbytes / rows / 1000:.0f} KB a row ({time.perf_counter() - t_start:.0f} s)",
+            flush=True,
+        )
+        shards = sorted(out.glob("*.parquet"))
+        repeated = root / "repeated"
+        repeated.mkdir()
+        for copy in range(args.repeat):
+            for i, shard in enumerate(shards):
+                os.link(shard, repeated / f"part-{copy * len(shards) + i:05d}.parquet")
+        spec = decode_spec(root, repeated, args)
+        from service.trainer import init_ray, prepare_tokenizer, start_local_ray
+
+        tokenizer_json = prepare_tokenizer(spec, None)
+        kwargs = decoder_kwargs(spec, tokenizer_json)
+        arms = {"draft": DecodeBatch(**kwargs), "no draft": DecodeBatch(**kwargs, draft=False)}
+        source = resolve_source(str(out), spec.storage)
+        cols = [spec.data.image_column, spec.data.caption_column]
+        bs = data.map_batch_size(spec.image_size)
+        batches = [
+            {n: rb.column(n).to_numpy(zero_copy_only=False) for n in rb.schema.names}
+            for path in source.paths
+            for rb in source.iter_file(path, cols, bs)
+        ]
+        tasks, per_task = data.decode_plan(spec)
+        ray_cpus = tasks * per_task
+        start_local_ray(num_cpus=math.ceil(ray_cpus) + 1)  # + 1: read tasks and slack
+        init_ray(spec)
+        ds = data.build_dataset(
+            resolve_source(spec.data.train, spec.storage), spec, "train", tokenizer_json, None
+        )
+        print(
+            f"ray: {tasks} decode task(s) of {per_task:g} CPU; bare: one process, one thread; "
+            f"{rounds} round(s) after a warm-up round",
+            flush=True,
+        )
+        results: dict[str, list[float]] = {"draft": [], "no draft": [], "ray": []}
+        ratios = []
+        for r in range(rounds + 1):
+            bare = {name: bare_decode(dec, batches) for name, dec in arms.items()}
+            ray_rate = ray_decode(ds, 32) / ray_cpus
+            if r == 0:
+                continue  # warm-up: Ray starts its worker processes, caches fill
+            for name, rate in bare.items():
+                results[name].append(rate)
+            results["ray"].append(ray_rate)
+            ratios.append(ray_rate / bare["draft"])
+            print(
+                f"round {r}: bare {bare['draft']:.0f} rows/s (without draft "
+                f"{bare['no draft']:.0f}), ray {ray_rate:.0f} rows/s per CPU, ratio "
+                f"{ratios[-1]:.2f}; {load()}",
+                flush=True,
+            )
+        import ray
+
+        ray.shutdown()
+        med = {k: statistics.median(v) for k, v in results.items()}
+        print(f"\ntotal {time.perf_counter() - t_start:.0f} s; {load()}")
+        print(
+            f"{args.image_size} px train decode + augment of {size[0]}x{size[1]} JPEGs, medians "
+            f"of {rounds} round(s)"
+        )
+        print(f"decode rows/s per cpu without draft: {med['no draft']:.1f}")
+        print(f"ray decode rows/s per cpu: {med['ray']:.1f}")
+        print(f"decode rows/s per cpu: {med['draft']:.1f}")
+        print(f"ray/bare decode ratio: {statistics.median(ratios):.2f}", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -356,9 +545,21 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=None, help="Ray run log interval (default 10)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 rows, 10 steps, batch 32")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument(
+        "--image-size", type=int, default=None, help="measure the decode pipeline alone at N px"
+    )
+    ap.add_argument("--source-size", default="500x375", help="with --image-size: JPEG WxH")
+    ap.add_argument(
+        "--repeat", type=int, default=4, help="with --image-size: Ray reads the rows N times"
+    )
+    ap.add_argument("--cpus", type=int, default=None, help="with --image-size: decode CPUs")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.image_size:
+        decode_main(args)
+        return
     quick = {"rows": 300, "steps": 10, "batch_size": 32, "log_every": 5}
     full = {"rows": 2000, "steps": 40, "batch_size": 64, "log_every": 10}
     for k, v in (quick if args.quick else full).items():

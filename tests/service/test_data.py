@@ -495,3 +495,50 @@ def test_model_tokenizer_clip_uses_the_standard_vocabulary_without_reading_capti
     tok = Tokenizer.from_json(prepare_tokenizer(spec, None))
     assert tok.vocab_size == Tokenizer.clip().vocab_size == 49413
     assert tok.to_json() == Tokenizer.clip(spec.context_length).to_json()
+
+
+# ---------------------------------------------------------------- 224 px decode benchmark
+
+
+def _pipeline_bench():
+    """benchmarks/pipeline.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("source", "decoded"), [((500, 375), (500, 375)), ((1024, 768), (512, 384))]
+)
+def test_decode_benchmark_bare_arm_is_the_pipelines_decode(tokenizer, source, decoded):
+    """The --image-size path's bare arm on a tiny setting, without Ray: its photo-like JPEGs
+    have the asked size, and the pipeline's DecodeBatch (draft on by default) turns them into
+    224 px crops; a 1024x768 JPEG is decoded at half scale, a 500x375 one at full size."""
+    bench = _pipeline_bench()
+    records = list(bench.photo_rows(6, source))
+    assert [Image.open(io.BytesIO(r["jpg"])).size for r in records] == [source] * 6
+    assert all(len(r["jpg"]) > 3 * source[0] * source[1] // 100 for r in records)  # not flat
+    assert R.decode_image(records[0]["jpg"], min_side=366)[0].size == decoded
+    kwargs = {
+        "image_column": "jpg",
+        "caption_column": "caption",
+        "label_column": None,
+        "tokenizer_json": tokenizer.to_json(),
+        "image_size": 224,
+        "train": True,
+        "max_pixels": 64_000_000,
+        "max_caption_chars": 1000,
+        "stats_actor_name": None,
+        "keep_caption": False,
+    }
+    cols = {k: np.array([r[k] for r in records], dtype=object) for k in ("jpg", "caption")}
+    for draft in (True, False):
+        decoder = D.DecodeBatch(**kwargs, draft=draft)
+        (out,) = decoder(cols)
+        assert out["image"].shape == (6, 3, 224, 224) and out["image"].dtype == np.float32
+        assert bench.bare_decode(decoder, [cols]) > 0
