@@ -121,9 +121,10 @@ class TextTower(nn.Module):
         """Final-norm token features `[B, L, width]`."""
         x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
         keep = tokens != self.pad_id
-        # skip the mask when nothing is padded (faster attention kernel); meta tensors keep it
+        # skip the mask when nothing is padded (faster attention kernel); meta tensors keep it,
+        # and so does torch.compile (the check is a host sync and would break the graph)
         attn_mask = keep[:, None, None, :]
-        if not tokens.is_meta and bool(keep.all()):
+        if not tokens.is_meta and not torch.compiler.is_compiling() and bool(keep.all()):
             attn_mask = None
         x = run_blocks(self.blocks, x, self.grad_checkpointing, attn_mask=attn_mask)
         return self.norm(x)

@@ -243,6 +243,12 @@ class OptimSection(Section):
     """Clip the gradient's global norm to this (0: no clipping)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile the student's forward (off until measured on the target GPU:
+    benchmarks/gpu.py). The first steps are slow while it compiles."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward: less activation memory
+    (bigger batches per GPU) for about a third more compute. Same numbers."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: 'stop' the run (last good checkpoint kept) or 'skip' the step."""
     max_skipped_steps: PosInt = 20
