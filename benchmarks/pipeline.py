@@ -464,7 +464,7 @@ def decode_main(args) -> None:
             for i, shard in enumerate(shards):
                 os.link(shard, repeated / f"part-{copy * len(shards) + i:05d}.parquet")
         spec = decode_spec(root, repeated, args)
-        from service.trainer import init_ray, prepare_tokenizer, start_local_ray
+        from service.trainer import ingest_options, init_ray, prepare_tokenizer, start_local_ray
 
         tokenizer_json = prepare_tokenizer(spec, None)
         kwargs = decoder_kwargs(spec, tokenizer_json)
@@ -484,6 +484,8 @@ def decode_main(args) -> None:
         ds = data.build_dataset(
             resolve_source(spec.data.train, spec.storage), spec, "train", tokenizer_json, None
         )
+        # the object-store budget training runs it under (else decoding runs ahead and spills)
+        ds.context.execution_options = ingest_options(spec)
         print(
             f"ray: {tasks} decode task(s) of {per_task:g} CPU; bare: one process, one thread; "
             f"{rounds} round(s) after a warm-up round",
