@@ -281,7 +281,11 @@ MIN_DATA_CPUS = 0.5
 
 class ScalingSection(Section):
     num_workers: PosInt = 1
-    """Ray Train workers (data-parallel ranks)."""
+    """Ray Train workers (data-parallel ranks); with min_workers, the most it runs with."""
+    min_workers: PosInt | None = None
+    """Elastic training (Ray Train V2): the run goes on with as few as this many workers when
+    nodes go away (restarting from its last checkpoint with fewer ranks) and grows back to
+    num_workers when they return. None: exactly num_workers."""
     use_gpu: bool = False
     """Give each worker gpus_per_worker GPUs (the cluster must have them)."""
     cpus_per_worker: Annotated[float, Field(gt=0)] = 0.5
@@ -302,6 +306,12 @@ class ScalingSection(Section):
         if self.data_cpus_per_worker is not None:
             return self.data_cpus_per_worker
         return DATA_CPUS_PER_GPU * self.gpus_per_worker if self.use_gpu else DATA_CPUS_CPU_WORKER
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> ScalingSection:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError("min_workers must not exceed num_workers")
+        return self
 
     def cpu_shortfall(
         self,

@@ -154,11 +154,12 @@ def train_loop_per_worker(config: dict) -> None:
     # --- resume: the latest complete checkpoint of this run, if any
     step, epoch, run_id = 0, 0, config.get("mlflow_run_id")
     restored_from = -1
-    resume = ray.train.get_checkpoint()
-    found = None if resume is not None else _newest_on_storage(spec, config)
+    # Ray hands a restarted worker group the last checkpoint its controller registered; one
+    # written just before a crash may not be registered yet. Storage holds both, and
+    # find_latest checks each file against meta.json: the newest sound one wins.
+    found = _newest_on_storage(spec, config)
+    resume = None if found is not None else ray.train.get_checkpoint()
     if resume is not None or found is not None:
-        # Ray hands a restarted worker group the last checkpoint the controller registered;
-        # one written just before a crash may not be registered yet, so storage is checked too
         source = resume.as_directory() if resume is not None else copy_to_local(*found)
         with source as d:
             meta = ckpt.restore(d, task, optimizer, scheduler)
@@ -177,10 +178,16 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = Tracker(None, None)
     watcher = None
     if rank == 0:
+        control = control_actor(config["control"])
+        generation = ray.get(control.new_generation.remote())  # before reading MLflow's history
         tracker = Tracker(
-            config.get("tracking_uri"), run_id, resumed=restored_from >= 0, system_metrics=True
+            config.get("tracking_uri"),
+            run_id,
+            resumed=restored_from >= 0,
+            system_metrics=True,
+            current=lambda: ray.get(control.current_generation.remote()) == generation,
         )
-        watcher = StopWatcher(control_actor(config["control"]), spec.data.max_bad_fraction)
+        watcher = StopWatcher(control, spec.data.max_bad_fraction)
     autocast = spec.optim.precision == "bf16" or (
         spec.optim.precision == "auto" and device.type == "cuda"
     )
@@ -204,6 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
                         run_id,
                     )
                     checkpoint = ray.train.Checkpoint.from_directory(d)
+                    tracker.sync()  # MLflow holds every step up to this checkpoint first
                 except OSError as e:  # disk full, quota: stop; the previous checkpoint stays
                     why = e.strerror or str(e)
                     detail = (
@@ -275,6 +283,8 @@ def train_loop_per_worker(config: dict) -> None:
             report = out.report
             step += 1
             samples_since += images.shape[0] * world
+            if rank == 0 and (step % spec.checkpoint.every_steps == 0 or step == total_steps):
+                tracker.begin_model(step)  # this step's metrics link to its checkpoint's model
 
             if rank == 0 and (step % spec.optim.log_every == 0 or step == total_steps):
                 elapsed = time.perf_counter() - t_last

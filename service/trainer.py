@@ -308,7 +308,9 @@ def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
             "storage_uri": storage_uri,
         },
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=spec.run.name,
