@@ -38,9 +38,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_TO_UNICODE = _bytes_to_unicode()
-_CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 """CLIP's word split (open_clip's SimpleTokenizer pattern)."""
 
 
@@ -97,7 +95,9 @@ class Tokenizer:
 
         spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError("the CLIP tokenizer needs open_clip_torch (pip install open_clip_torch)")
+            raise ValueError(
+                "the CLIP tokenizer needs open_clip_torch (pip install open_clip_torch)"
+            )
         path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
         lines = gzip.open(path).read().decode("utf-8").split("\n")
         merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
