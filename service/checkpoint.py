@@ -280,6 +280,8 @@ RESUME_IGNORES = (
     "optim.val_every",
     "optim.on_nonfinite",
     "optim.max_skipped_steps",
+    "optim.compile",  # how a step runs, not what it computes (tests: same loss and weights)
+    "optim.grad_checkpointing",
 )
 """Spec fields a resumed run may change (the step budget, logging). Everything else under these
 sections must match the checkpoint's spec, or the resumed run would silently be another run."""
