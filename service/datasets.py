@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from maskclip.templates import FASHION_MNIST_CAPTIONS
+
 from .errors import UserError
 from .rows import R_CORRUPT_IMAGE, clean_caption, clean_label, image_bytes_reason
 from .rows import decode_image as check_image
@@ -60,18 +62,9 @@ FASHION_MNIST_CLASSES = (
     "bag",
     "ankle boot",
 )
-FASHION_MNIST_TEMPLATES = (
-    "a photo of {a} {c}",
-    "a grey-scale picture of {a} {c}",
-    "{a} {c} on a black background",
-    "product photo: {c}",
-    "a small black and white image of {a} {c}",
-    "a low-resolution photo of the {c}",
-    "a catalogue picture showing {a} {c}",
-    "{c}, centred, on black",
-    "this is {a} {c}",
-    "a fashion item: {c}",
-)
+FASHION_MNIST_TEMPLATES = FASHION_MNIST_CAPTIONS
+"""Caption templates of converted Fashion-MNIST: one source, maskclip.templates (the zero-shot
+prompt set `fashion-mnist` is built from the same tuple)."""
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -268,13 +268,17 @@ def log_checkpoint_model(
         client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
         return model_id
     except Exception as e:  # noqa: BLE001 - tracking never stops training
-        print(
-            f"warning: checkpoint at step {step} not logged as an MLflow model "
-            f"({type(e).__name__}: {str(e)[:120]})",
-            file=sys.stderr,
-            flush=True,
-        )
+        _model_not_logged(step, e)
         return None
+
+
+def _model_not_logged(step: int, e: Exception) -> None:
+    print(
+        f"warning: checkpoint at step {step} not logged as an MLflow model "
+        f"({type(e).__name__}: {str(e)[:120]})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def create_checkpoint_model(uri: str, run_id: str, step: int, name: str = "maskclip") -> str | None:
@@ -292,12 +296,7 @@ def create_checkpoint_model(uri: str, run_id: str, step: int, name: str = "maskc
             model_type="maskclip",
         ).model_id
     except Exception as e:  # noqa: BLE001 - tracking never stops training
-        print(
-            f"warning: checkpoint at step {step} not logged as an MLflow model "
-            f"({type(e).__name__}: {str(e)[:120]})",
-            file=sys.stderr,
-            flush=True,
-        )
+        _model_not_logged(step, e)
         return None
 
 
