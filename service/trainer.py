@@ -201,9 +201,16 @@ def run_job(
 ):
     """Train `spec` (`maskclip run`). One live driver per run name: a lease in the checkpoint
     storage refuses a second one. `fresh` sets the run's old checkpoints aside first."""
+    # each source listed once; bad data fails fast, before any folder, lease or Ray process
+    columns = [spec.data.image_column, spec.data.caption_column]
+    train = resolve_source(spec.data.train, spec.storage, "data.train")
+    train.require(columns)
+    val = resolve_source(spec.data.val, spec.storage, "data.val") if spec.data.val else None
+    if val is not None:
+        val.require(columns)
     where = storage(spec)  # a missing bucket fails here
     with ckpt.Lease(where[0], spec.run.name, where[1]):
-        return _run_job(spec, where, tune_callbacks, parent_run_id, fresh)
+        return _run_job(spec, where, train, val, tune_callbacks, parent_run_id, fresh)
 
 
 def resume_plan(spec: JobSpec, storage_path: str, fs, *, verify: bool = True):
@@ -226,17 +233,10 @@ def resume_plan(spec: JobSpec, storage_path: str, fs, *, verify: bool = True):
     return latest
 
 
-def _run_job(spec: JobSpec, where, tune_callbacks, parent_run_id, fresh: bool):
+def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fresh: bool):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # each source listed once; bad data fails fast, before any Ray process starts
-    columns = [spec.data.image_column, spec.data.caption_column]
-    train = resolve_source(spec.data.train, spec.storage, "data.train")
-    train.require(columns)
-    val = resolve_source(spec.data.val, spec.storage, "data.val") if spec.data.val else None
-    if val is not None:
-        val.require(columns)
     for source in (train, val) if val is not None else (train,):
         log.info(source.summary())  # what is read: shards, rows, columns
     storage_path, fs, storage_uri = where
