@@ -386,11 +386,13 @@ def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fr
                 log.info(f"registered model: models:/{champion}")
     ray.kill(control)
 
+    missing = stats["rows_not_downloaded"]
+    not_downloaded = f", {missing} not downloaded" if missing else ""  # img2dataset's failures
     log.log(
         terminal.RESULT,
         f"\nrun {spec.run.name}: step {final.get('step', '?')}/{steps}, "
         f"loss {final.get('loss', float('nan')):.4f}, data rows {stats['rows_seen']} "
-        f"({stats['rows_bad']} skipped, {stats['rows_not_downloaded']} not downloaded)",
+        f"({stats['rows_bad']} skipped{not_downloaded})",
     )
     if final.get("restored_from", -1) >= 0:
         log.log(
