@@ -180,7 +180,8 @@ class Lease:
         self.dir = f"{storage_path.rstrip('/')}/{run_name}"
         self.path = f"{self.dir}/{LEASE}"
         self.run_name, self.ttl = run_name, ttl
-        self.owner = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.owner = f"{self.host} pid {self.pid} ({uuid.uuid4().hex[:8]})"
         self._stop = None
 
     def _read(self) -> dict | None:
@@ -194,7 +195,13 @@ class Lease:
         import time
 
         self.fs.create_dir(self.dir, recursive=True)
-        data = {"owner": self.owner, "renewed": time.time(), "expires": time.time() + self.ttl}
+        data = {
+            "owner": self.owner,
+            "host": self.host,
+            "pid": self.pid,
+            "renewed": time.time(),
+            "expires": time.time() + self.ttl,
+        }
         with self.fs.open_output_stream(self.path) as f:
             f.write(json.dumps(data).encode("utf-8"))
 
@@ -204,6 +211,8 @@ class Lease:
 
         held = self._read()
         if held and held.get("owner") != self.owner and held.get("expires", 0) > time.time():
+            if held.get("host") == self.host and not _alive(held.get("pid")):
+                return None  # its driver on this machine is gone (killed): no need to wait
             return held
         return None
 
@@ -251,6 +260,20 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: trust the expiry
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def set_aside(storage_path: str, run_name: str, filesystem=None) -> str | None:

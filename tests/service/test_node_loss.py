@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
         "optim": {"batch_size": 8, "max_steps": 40, "warmup_steps": 1, "log_every": 1},
         "scaling": {"num_workers": 2, "min_workers": 1, "cpus_per_worker": 1.5,
                     "data_cpus_per_worker": 0.5, "ray_address": cluster.address},
-        "checkpoint": {"every_steps": 5, "max_failures": 3},
+        "checkpoint": {"every_steps": 5, "max_failures": 8},
         "tracking": {"tracking_uri": tracking, "experiment": "elastic"},
     }
     (work / "job.yaml").write_text(yaml.safe_dump(job))
@@ -70,6 +70,9 @@ SCRIPT = textwrap.dedent(
 
     rc = main(["run", str(work / "job.yaml")])
     print("RESULT " + json.dumps({"rc": rc, "tracking": tracking, **removed}), flush=True)
+    import ray
+
+    ray.shutdown()
     cluster.shutdown()
     """
 )

@@ -134,3 +134,21 @@ def test_fresh_sets_the_old_checkpoints_aside_and_trains_from_step_0(
     assert len(aside) == 1 and (aside[0] / old.name / "meta.json").is_file()
     path, meta = ckpt.find_latest(str(tmp_path / "ckpts"), "study")
     assert meta["step"] == 2  # trained from scratch: 2 steps, not 5 + 2
+
+
+def test_a_lease_whose_driver_on_this_machine_died_is_taken_over_at_once(tmp_path):
+    """A driver killed with SIGKILL cannot delete its lease; rerunning the job on the same
+    machine does not wait for the lease to expire when that driver's process is gone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; from service import checkpoint as c; "
+        "c.Lease(sys.argv[1], 'study', ttl=600).acquire(); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    held = json.loads((tmp_path / "study" / ckpt.LEASE).read_text())
+    assert held["expires"] > time.time() + 500  # still "valid" by its clock
+    taker = ckpt.Lease(str(tmp_path), "study").acquire()
+    assert json.loads((tmp_path / "study" / ckpt.LEASE).read_text())["owner"] == taker.owner
+    taker.release()
