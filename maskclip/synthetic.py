@@ -6,6 +6,12 @@ colour (`colour_names()`): either column can be a zero-shot label (`data.label_c
 depends only on (seed, i), never on n or start.
 
     rows = generate(1000, image_size=32, seed=0)   # [{"key", "jpg", "caption", "label", "colour"}]
+    scenes = generate_scenes(100, image_size=64, objects=3)   # ... + "mask" (maskclip.dense)
+
+Scenes (`make_scene`) hold several shapes of different classes, each in its own cell of a grid,
+with a caption naming every one ("a red star above a blue circle", "a green cross at the top
+left and ...") and a per-pixel class mask (classes `scene_classes()`: background + SHAPES), for
+dense evaluation.
 
 What a short run learns (measured on the quickstart job, maskclip_tiny, 200 steps of 64 on 2
 CPUs): the colours, not the shapes. Own caption with one word swapped, 512 validation images:
@@ -24,6 +30,8 @@ import math
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .dense import IGNORE, encode_mask
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "hexagon")
 COLOURS = {
@@ -146,3 +154,152 @@ def make_row(index: int, image_size: int = 32, seed: int = 0) -> dict:
 def generate(n: int, image_size: int = 32, seed: int = 0, start: int = 0) -> list[dict]:
     """Rows start .. start+n-1; each is reproducible from (seed, index) alone."""
     return [make_row(i, image_size, seed) for i in range(start, start + n)]
+
+
+# ----------------------------------------------------------------------------- multi-object scenes
+
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_CELL_NAMES = {  # (column, row) of a 3x3 grid -> name; a 2x2 grid uses the corners
+    (0, 0): "top left",
+    (1, 0): "top",
+    (2, 0): "top right",
+    (0, 1): "left",
+    (1, 1): "centre",
+    (2, 1): "right",
+    (0, 2): "bottom left",
+    (1, 2): "bottom",
+    (2, 2): "bottom right",
+}
+_SCENE_CAPTIONS = (  # {objects}: "a red star at the top left and a blue circle ..."
+    "{objects}",
+    "{objects}, on {bg}",
+    "{a_bg} picture with {objects}",
+)
+_LIST_CAPTIONS = (  # {objects}: "a red star and a blue circle" (no positions)
+    "{number} shapes on {a_bg} background: {objects}",
+    "a picture of {objects}",
+)
+MAX_OBJECTS = 7  # distinct colours: 8 minus the background
+
+
+def scene_classes() -> list[str]:
+    """The classes of a scene's mask (classes.txt): 0 = background, i = SHAPES[i - 1]."""
+    return ["background", *SHAPES]
+
+
+def _cell_name(col: int, row: int, grid: int) -> str:
+    if grid == 2:
+        col, row = col * 2, row * 2
+    return _CELL_NAMES[(col, row)]
+
+
+def _where(name: str) -> str:
+    return _WHERE.get(name, f"at the {name}")
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def _relation(a: tuple[int, int], b: tuple[int, int]) -> str:
+    """Where cell a lies from cell b: 'above', 'to the left of', 'above and to the left of'."""
+    vertical = {-1: "above", 1: "below"}.get(int(np.sign(a[1] - b[1])))
+    horizontal = {-1: "to the left of", 1: "to the right of"}.get(int(np.sign(a[0] - b[0])))
+    return " and ".join(w for w in (vertical, horizontal) if w)
+
+
+def _and_list(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _majority(labels: np.ndarray, factor: int, num_classes: int) -> np.ndarray:
+    """[H*f, W*f] class map -> [H, W]: the class covering more than half of each f x f block,
+    IGNORE where none does (edges shared about equally)."""
+    h, w = labels.shape[0] // factor, labels.shape[1] // factor
+    blocks = labels.reshape(h, factor, w, factor)
+    out = np.full((h, w), IGNORE, dtype=np.uint8)
+    for c in np.unique(labels):
+        count = (blocks == c).sum(axis=(1, 3))
+        out[count * 2 > factor * factor] = c
+    assert int(labels.max()) < num_classes
+    return out
+
+
+def make_scene(index: int, image_size: int = 32, seed: int = 0, objects: int = 2) -> dict:
+    """Scene `index`: `objects` shapes of different classes and colours, each in its own cell of
+    a 2x2 grid (3x3 beyond 4 objects, at most MAX_OBJECTS), on a plain background.
+
+    Returns {"key", "jpg", "caption", "label", "colour", "mask", "objects"}: `mask` is PNG bytes
+    (maskclip.dense: class i = scene_classes()[i], IGNORE on edge pixels shared about equally by
+    two classes); `label`/`colour` are the largest object's shape and colour; `objects` lists
+    {"shape", "colour", "where"} (where = the cell's name, e.g. "top left") in caption order. The
+    caption names every object and nothing else. Depends only on (seed, index, objects)."""
+    if not 1 <= objects <= MAX_OBJECTS:
+        raise ValueError(f"objects must be 1..{MAX_OBJECTS} (got {objects})")
+    rng = np.random.default_rng([seed, index, objects, 7])
+    grid = 2 if objects <= 4 else 3
+    names = list(COLOURS)
+    shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), size=objects, replace=False)]
+    picked = rng.choice(len(names), size=objects + 1, replace=False)
+    bg, colours = names[picked[0]], [names[i] for i in picked[1:]]
+    cells = [divmod(int(c), grid)[::-1] for c in rng.choice(grid * grid, objects, replace=False)]
+
+    side = image_size * _SUPERSAMPLE
+    cell = side / grid
+    img = Image.new("RGB", (side, side), COLOURS[bg])
+    labels = Image.new("L", (side, side), 0)
+    draw, draw_labels = ImageDraw.Draw(img), ImageDraw.Draw(labels)
+    for shape, colour, (col, row) in zip(shapes, colours, cells):
+        r = cell / 2 * rng.uniform(0.6, 0.92)
+        slack = cell / 2 - r
+        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+        _draw_shape(draw_labels, shape, cx, cy, r, SHAPES.index(shape) + 1)
+    img = img.resize((image_size, image_size), Image.Resampling.BOX)
+    a = np.asarray(img, dtype=np.float32) + rng.normal(0.0, _NOISE_STD, (image_size, image_size, 3))
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    mask = _majority(np.asarray(labels), _SUPERSAMPLE, len(SHAPES) + 1)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+
+    order = sorted(range(objects), key=lambda k: (cells[k][1], cells[k][0]))  # reading order
+    objs = [
+        {"shape": shapes[k], "colour": colours[k], "where": _cell_name(*cells[k], grid)}
+        for k in order
+    ]
+    named = [_a(f"{o['colour']} {o['shape']}") for o in objs]
+    style = int(rng.integers(3))
+    if style == 0 and objects == 2:
+        rel = _relation(cells[order[0]], cells[order[1]])
+        caption = f"{named[0]} {rel} {named[1]}"
+        if rng.integers(2):
+            caption = f"{named[1]} {_relation(cells[order[1]], cells[order[0]])} {named[0]}"
+    elif style == 1:
+        t = _LIST_CAPTIONS[rng.integers(len(_LIST_CAPTIONS))]
+        caption = t.format(number=_NUMBERS[objects], objects=_and_list(named), a_bg=_a(bg))
+        if objects == 1:
+            caption = caption.replace("one shapes", "one shape")
+    else:
+        t = _SCENE_CAPTIONS[rng.integers(len(_SCENE_CAPTIONS))]
+        located = [f"{n} {_where(o['where'])}" for n, o in zip(named, objs)]
+        caption = t.format(objects=_and_list(located), bg=bg, a_bg=_a(bg))
+
+    areas = np.bincount(mask.ravel(), minlength=256)
+    largest = max(range(objects), key=lambda k: (areas[SHAPES.index(shapes[k]) + 1], -k))
+    return {
+        "key": f"{index:09d}",
+        "jpg": buf.getvalue(),
+        "caption": caption,
+        "label": shapes[largest],
+        "colour": colours[largest],
+        "mask": encode_mask(mask),
+        "objects": objs,
+    }
+
+
+def generate_scenes(
+    n: int, image_size: int = 32, seed: int = 0, start: int = 0, objects: int = 2
+) -> list[dict]:
+    """Scenes start .. start+n-1 (make_scene); each is reproducible from (seed, index) alone."""
+    return [make_scene(i, image_size, seed, objects) for i in range(start, start + n)]

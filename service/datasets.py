@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from maskclip.dense import CLASSES_FILE, MASK_COLUMN, format_classes
 from maskclip.templates import FASHION_MNIST_CAPTIONS
 
 from .errors import UserError
@@ -47,7 +48,13 @@ SHARD_PATTERN = "part-{:05d}.parquet"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REQUIRED_COLUMNS = ("key", "jpg", "caption")
-KNOWN_TYPES = {"key": pa.string(), "jpg": pa.binary(), "caption": pa.string(), "label": pa.string()}
+KNOWN_TYPES = {
+    "key": pa.string(),
+    "jpg": pa.binary(),
+    "caption": pa.string(),
+    "label": pa.string(),
+    MASK_COLUMN: pa.binary(),
+}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -98,7 +105,7 @@ def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 def _is_dataset_file(name: str) -> bool:
     return (
         fnmatch.fnmatch(name, "part-*.parquet")
-        or name in (MANIFEST, SUCCESS)
+        or name in (MANIFEST, SUCCESS, CLASSES_FILE)
         or fnmatch.fnmatch(name, ".part-*.tmp")
     )
 
@@ -141,13 +148,15 @@ def write_shards(
     total: int | None = None,
     overwrite: bool = False,
     source: str | None = None,
+    classes: list[str] | None = None,
 ) -> dict:
     """Write `rows` ({key, jpg, caption[, label, ...]}) as Parquet shards under `out`.
 
     Rows without image bytes or caption are counted as `bad` and skipped; a missing `key` becomes
     the row's index. Columns are those of the first good row (later extra keys are ignored).
-    Refuses a folder that already holds shards unless `overwrite`. Returns the manifest:
-    {out, rows, shards, bad, columns, labels (or None), source}.
+    Refuses a folder that already holds shards unless `overwrite`. `classes` (a dense dataset's
+    class names, maskclip.dense) is written as classes.txt beside the shards, before _SUCCESS.
+    Returns the manifest: {out, rows, shards, bad, columns, labels (or None), source[, classes]}.
     """
     if rows_per_shard < 1:
         raise UserError(f"rows_per_shard must be at least 1 (got {rows_per_shard})")
@@ -237,7 +246,11 @@ def write_shards(
         "files": shards,
         "source": source,
     }
+    if classes is not None:
+        manifest["classes"] = list(classes)
     try:
+        if classes is not None:
+            _put(fs, f"{base}/{CLASSES_FILE}", format_classes(list(classes)).encode())
         _put(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         _put(fs, f"{base}/{SUCCESS}", b"")
     except OSError as e:
@@ -257,6 +270,8 @@ def synth(
     *,
     start: int = 0,
     val_rows: int = 0,
+    test_rows: int = 0,
+    objects: int = 0,
     endpoint_url: str | None = None,
     region: str | None = None,
     progress: bool = True,
@@ -264,25 +279,37 @@ def synth(
 ) -> dict:
     """Generated shapes (maskclip.synthetic), streamed in chunks.
 
-    Row i depends only on (seed, i). With `val_rows`, writes `out/train` (indexes start ..
-    start+rows-1) and `out/val` (the next val_rows indexes: disjoint from train) and returns
-    {"train": stats, "val": stats}; otherwise writes `out` itself and returns its stats.
+    Row i depends only on (seed, i). With `val_rows` and/or `test_rows`, writes `out/train`
+    (indexes start .. start+rows-1), `out/val` (the next val_rows indexes) and `out/test` (the
+    next test_rows): disjoint splits; returns {split: stats}. Otherwise writes `out` itself and
+    returns its stats. `objects` > 0: multi-object scenes (maskclip.synthetic.make_scene) with a
+    `mask` column and classes.txt in each split (the dense-label format, maskclip.dense).
     """
-    from maskclip.synthetic import generate
+    from maskclip.synthetic import MAX_OBJECTS, generate, generate_scenes, scene_classes
 
     if rows < 1:
         raise UserError(f"rows must be at least 1 (got {rows})")
-    if val_rows < 0:
-        raise UserError(f"val_rows must not be negative (got {val_rows})")
+    if val_rows < 0 or test_rows < 0:
+        raise UserError(
+            f"val_rows and test_rows must not be negative (got {val_rows}, {test_rows})"
+        )
     if image_size < 8:
         raise UserError(f"image_size must be at least 8 (got {image_size})")
+    if not 0 <= objects <= MAX_OBJECTS:
+        raise UserError(f"objects must be between 1 and {MAX_OBJECTS} (got {objects})")
 
     def stream(first: int, n: int) -> Iterator[dict]:
         chunk = max(1, min(rows_per_shard, 512))
         for s in range(first, first + n, chunk):
-            yield from generate(
-                min(chunk, first + n - s), image_size=image_size, seed=seed, start=s
-            )
+            k = min(chunk, first + n - s)
+            if objects:
+                for row in generate_scenes(k, image_size, seed, start=s, objects=objects):
+                    row.pop("objects")  # in the caption and the mask; not a column
+                    yield row
+            else:
+                yield from generate(k, image_size=image_size, seed=seed, start=s)
+
+    what = f"synthetic scenes objects={objects}" if objects else "synthetic shapes"
 
     def write(dest: str, first: int, n: int) -> dict:
         return write_shards(
@@ -294,15 +321,18 @@ def synth(
             progress,
             total=n,
             overwrite=overwrite,
-            source=f"synthetic shapes seed={seed} image_size={image_size} start={first}",
+            source=f"{what} seed={seed} image_size={image_size} start={first}",
+            classes=scene_classes() if objects else None,
         )
 
-    if not val_rows:
+    if not val_rows and not test_rows:
         return write(out, start, rows)
-    return {
-        "train": write(_join(out, "train"), start, rows),
-        "val": write(_join(out, "val"), start + rows, val_rows),
-    }
+    result = {"train": write(_join(out, "train"), start, rows)}
+    if val_rows:
+        result["val"] = write(_join(out, "val"), start + rows, val_rows)
+    if test_rows:
+        result["test"] = write(_join(out, "test"), start + rows + val_rows, test_rows)
+    return result
 
 
 def _join(uri: str, name: str) -> str:

@@ -1,6 +1,7 @@
 """`maskclip data ...`: make, convert and inspect Parquet datasets (see service.datasets).
 
 maskclip data synth --out data/shapes --rows 5000 [--val-rows 1000]
+maskclip data synth --out data/scenes --rows 5000 --test-rows 1000 --objects 3 --image-size 64
 maskclip data convert --images photos/ --captions captions.csv --out s3://bucket/photos
 maskclip data convert --fashion-mnist --out data/fmnist [--limit 2000]
 maskclip data inspect data/shapes
@@ -53,6 +54,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         rows_per_shard=args.rows_per_shard,
         val_rows=args.val_rows,
+        test_rows=args.test_rows,
+        objects=args.objects,
         endpoint_url=args.endpoint_url,
         region=args.region,
         progress=args.progress,
@@ -112,6 +115,15 @@ def register(subparsers) -> None:
     s = sub.add_parser("synth", help="generate the synthetic shapes dataset")
     s.add_argument("--rows", type=int, required=True)
     s.add_argument("--val-rows", type=int, default=0, help="also write OUT/val (OUT/train then)")
+    s.add_argument("--test-rows", type=int, default=0, help="also write OUT/test (OUT/train then)")
+    s.add_argument(
+        "--objects",
+        type=int,
+        default=0,
+        metavar="N",
+        help="scenes of N shapes (1-7) with a per-pixel class `mask` column and classes.txt "
+        "(dense labels); default: one shape per image, no mask",
+    )
     s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     _write_args(s)

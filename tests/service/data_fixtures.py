@@ -51,3 +51,57 @@ def write_parquet_shards(
     if chunk:
         flush()
     return written
+
+
+# ----------------------------------------------------------------------------- dense labels
+
+
+def make_dense_dataset(
+    root,
+    rows: int = 16,
+    test_rows: int | None = None,
+    image_size: int = 32,
+    objects: int = 2,
+    seed: int = 0,
+    rows_per_shard: int = 1000,
+):
+    """A small dense-labelled dataset (maskclip.dense format) of multi-object shape scenes:
+    `root/dense/train` (`rows` rows) and `root/dense/test` (`test_rows`, default `rows`; the
+    indexes after train's), each with a `mask` column and classes.txt (background + SHAPES).
+    Deterministic in (seed, image_size, objects). Returns the folder (a Path) holding train/ and
+    test/, as `--dense-probe DIR` / `--zero-shot-seg DIR` take it."""
+    from pathlib import Path
+
+    from service.datasets import synth
+
+    out = Path(root) / "dense"
+    synth(
+        str(out),
+        rows,
+        image_size=image_size,
+        seed=seed,
+        rows_per_shard=rows_per_shard,
+        test_rows=rows if test_rows is None else test_rows,
+        objects=objects,
+        progress=False,
+    )
+    return out
+
+
+def write_dense_split(out, records: list[dict], classes: list[str] | None = None) -> None:
+    """Rows {"key", "jpg", "caption", "label"?, "mask"} written as given (bad masks included) as
+    one shard `out/part-00000.parquet`, with classes.txt when `classes` is given (none written
+    otherwise): for tests of what readers of the dense format refuse."""
+    from pathlib import Path
+
+    from maskclip.dense import CLASSES_FILE, MASK_COLUMN, format_classes
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([*SCHEMA, (MASK_COLUMN, pa.binary())])
+    table = pa.Table.from_pylist(
+        [{name: r.get(name) for name in schema.names} for r in records], schema=schema
+    )
+    pq.write_table(table, out / "part-00000.parquet")
+    if classes is not None:
+        (out / CLASSES_FILE).write_text(format_classes(classes))

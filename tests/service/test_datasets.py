@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from maskclip.dense import IGNORE, decode_mask, parse_classes
+from maskclip.synthetic import SHAPES, generate_scenes
 from service import datasets
 from service.cli import main
 from service.errors import UserError
+from tests.service.data_fixtures import make_dense_dataset
 
 IMG2DATASET = {"key": pa.string(), "jpg": pa.binary(), "caption": pa.string()}
 
@@ -71,6 +74,34 @@ def test_synth_val_split_and_overwrite(tmp_path):
     datasets.synth(out + "/train", rows=3, image_size=16, overwrite=True)
     assert _read(tmp_path / "d" / "train").num_rows == 3
     assert not list((tmp_path / "d" / "train").glob(".*"))  # no temporary files left
+
+
+def test_synth_scenes_write_masks_and_classes(tmp_path):
+    out = make_dense_dataset(tmp_path, rows=10, test_rows=6, image_size=24, objects=3)
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    names = sorted(p.name for p in (out / "train").iterdir())
+    assert names == ["_SUCCESS", "_manifest.json", "classes.txt", "part-00000.parquet"]
+    classes = parse_classes((out / "test" / "classes.txt").read_text())
+    assert classes == ["background", *SHAPES]
+    train, test = _read(out / "train"), _read(out / "test")
+    assert train.column_names == ["key", "jpg", "caption", "label", "colour", "mask"]
+    assert train.schema.field("mask").type == pa.binary()
+    assert test.column("key").to_pylist() == [f"{i:09d}" for i in range(10, 16)]  # after train
+    want = generate_scenes(6, image_size=24, seed=0, start=10, objects=3)
+    for row, scene in zip(test.to_pylist(), want):
+        mask = decode_mask(row["mask"], size=(24, 24), num_classes=len(classes))
+        present = {classes[c] for c in set(mask.ravel().tolist()) - {0, IGNORE}}
+        assert present == {o["shape"] for o in scene["objects"]}
+        assert row["label"] in present and row["caption"] == scene["caption"]
+    manifest = json.loads((out / "train" / "_manifest.json").read_text())
+    assert manifest["classes"] == classes and manifest["rows"] == 10
+
+    # overwrite replaces classes.txt with the rest; a plain synth leaves none behind
+    datasets.synth(str(out / "train"), rows=3, image_size=16, overwrite=True, progress=False)
+    assert not (out / "train" / "classes.txt").exists()
+    assert "mask" not in _read(out / "train").column_names
+    with pytest.raises(UserError, match=r"objects must be between 1 and 7 \(got 8\)"):
+        datasets.synth(str(tmp_path / "x"), rows=2, objects=8)
 
 
 def test_write_shards_skips_bad_rows_and_keeps_extra_columns(tmp_path):
