@@ -187,13 +187,17 @@ def scene_classes() -> list[str]:
     return ["background", *SHAPES]
 
 
-def _cell_name(col: int, row: int, grid: int) -> str:
+def cell_name(col: int, row: int, grid: int) -> str:
+    """The name of cell (col, row) of a 2x2 or 3x3 grid: "top left", "top", ..., "centre"."""
+    if grid not in (2, 3):
+        raise ValueError(f"cells are named in 2x2 and 3x3 grids only (got {grid}x{grid})")
     if grid == 2:
         col, row = col * 2, row * 2
     return _CELL_NAMES[(col, row)]
 
 
-def _where(name: str) -> str:
+def where_phrase(name: str) -> str:
+    """A cell name as a caption phrase: "at the top left", "on the left", "in the centre"."""
     return _WHERE.get(name, f"at the {name}")
 
 
@@ -208,7 +212,8 @@ def _relation(a: tuple[int, int], b: tuple[int, int]) -> str:
     return " and ".join(w for w in (vertical, horizontal) if w)
 
 
-def _and_list(parts: list[str]) -> str:
+def and_list(parts: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -265,7 +270,7 @@ def make_scene(index: int, image_size: int = 32, seed: int = 0, objects: int = 2
 
     order = sorted(range(objects), key=lambda k: (cells[k][1], cells[k][0]))  # reading order
     objs = [
-        {"shape": shapes[k], "colour": colours[k], "where": _cell_name(*cells[k], grid)}
+        {"shape": shapes[k], "colour": colours[k], "where": cell_name(*cells[k], grid)}
         for k in order
     ]
     named = [_a(f"{o['colour']} {o['shape']}") for o in objs]
@@ -277,13 +282,13 @@ def make_scene(index: int, image_size: int = 32, seed: int = 0, objects: int = 2
             caption = f"{named[1]} {_relation(cells[order[1]], cells[order[0]])} {named[0]}"
     elif style == 1:
         t = _LIST_CAPTIONS[rng.integers(len(_LIST_CAPTIONS))]
-        caption = t.format(number=_NUMBERS[objects], objects=_and_list(named), a_bg=_a(bg))
+        caption = t.format(number=_NUMBERS[objects], objects=and_list(named), a_bg=_a(bg))
         if objects == 1:
             caption = caption.replace("one shapes", "one shape")
     else:
         t = _SCENE_CAPTIONS[rng.integers(len(_SCENE_CAPTIONS))]
-        located = [f"{n} {_where(o['where'])}" for n, o in zip(named, objs)]
-        caption = t.format(objects=_and_list(located), bg=bg, a_bg=_a(bg))
+        located = [f"{n} {where_phrase(o['where'])}" for n, o in zip(named, objs)]
+        caption = t.format(objects=and_list(located), bg=bg, a_bg=_a(bg))
 
     areas = np.bincount(mask.ravel(), minlength=256)
     largest = max(range(objects), key=lambda k: (areas[SHAPES.index(shapes[k]) + 1], -k))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import gzip
+import io
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from maskclip.dense import CLASSES_FILE, MASK_COLUMN, format_classes
+from maskclip.dense import CLASSES_FILE, IGNORE, MASK_COLUMN, format_classes
 from maskclip.templates import FASHION_MNIST_CAPTIONS
 
 from .errors import UserError
@@ -453,6 +454,8 @@ def convert_folder(
     progress: bool = True,
     overwrite: bool = False,
     max_warnings: int = 20,
+    masks: str | None = None,
+    classes: str | None = None,
 ) -> dict:
     """A folder of images + captions -> shards of RGB JPEGs (longer side <= max_size).
 
@@ -462,6 +465,13 @@ def convert_folder(
     An image listed several times gives one row per caption. Missing/unreadable images and
     missing captions are skipped with one warning line each (capped at `max_warnings`).
     Returns write_shards' stats plus `seen` and `skipped` {reason: count}.
+
+    `masks`: a folder of per-pixel class masks (maskclip.dense: PNG, 8-bit single channel, the
+    image's size, value = class index, 255 = ignore), one per image at the image's relative path
+    with the suffix .png (`photos/a/b.jpg` -> `masks/a/b.png`), named by `classes` (default
+    `masks/classes.txt`). Masks are resized with their image (nearest) into a `mask` column and
+    classes.txt is written beside the shards; a row whose mask is missing or wrong (size, mode,
+    class index past the list) is skipped with one warning line, like a bad image.
     """
     from maskclip.transforms import encode_jpeg
 
@@ -478,6 +488,7 @@ def convert_folder(
         has_labels = any(lab not in (None, "") for _, _, lab in _caption_entries(captions_path))
     else:
         entries, has_labels = _sidecar_entries(root), False
+    masks_root, class_names = _mask_source(masks, classes)
     warn = _Warnings(max_warnings)
     seen = 0
     key_uses: Counter = Counter()
@@ -520,6 +531,15 @@ def convert_folder(
             row = {"key": key, "jpg": jpg, "caption": caption}
             if has_labels:
                 row["label"] = clean_label(label)[0]
+            if masks_root is not None:
+                assert class_names is not None
+                rel = Path(file).with_suffix(".png") if not os.path.isabs(file) else None
+                mask_path = masks_root / (rel or path.with_suffix(".png").name)
+                mask, why = _folder_mask(mask_path, img.size, jpg, len(class_names))
+                if why is not None:
+                    warn(file, why, "missing mask" if mask is None else "bad mask")
+                    continue
+                row[MASK_COLUMN] = mask
             made += 1
             yield row
 
@@ -532,7 +552,9 @@ def convert_folder(
             region,
             progress,
             overwrite=overwrite,
-            source=f"folder {images_dir} captions={captions or 'sidecar .txt'}",
+            source=f"folder {images_dir} captions={captions or 'sidecar .txt'}"
+            + (f" masks={masks}" if masks else ""),
+            classes=class_names,
         )
     except _NoRows:
         if seen:
@@ -546,6 +568,53 @@ def convert_folder(
     warn.finish()
     stats.update(seen=seen, skipped=dict(warn.counts))
     return stats
+
+
+def _mask_source(masks: str | None, classes: str | None) -> tuple[Path | None, list[str] | None]:
+    """(masks folder, class names) of convert_folder's dense labels, or (None, None)."""
+    from maskclip.dense import MaskError, parse_classes
+
+    if masks is None:
+        if classes is not None:
+            raise UserError(f"{classes}: classes given without a masks folder (--masks DIR)")
+        return None, None
+    root = Path(masks).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{masks}: masks folder not found")
+    path = Path(classes).expanduser() if classes else root / CLASSES_FILE
+    if not path.is_file():
+        hint = "" if classes else " (pass the class list with --classes FILE)"
+        raise UserError(f"{path}: classes file not found{hint}")
+    try:
+        return root, parse_classes(path.read_text(encoding="utf-8"))
+    except MaskError as e:
+        raise UserError(f"{path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: {first_line(e)}") from None
+
+
+def _folder_mask(
+    path: Path, image_size: tuple[int, int], jpg: bytes, num_classes: int
+) -> tuple[bytes | None, str | None]:
+    """(mask PNG bytes at the JPEG's size, None), or (None, why) when the mask file is missing,
+    or (b"", why) when it breaks the format."""
+    from PIL import Image
+
+    from maskclip.dense import MaskError, decode_mask, encode_mask
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"no mask {path} ({e.strerror or first_line(e)})"
+    try:
+        mask = decode_mask(data, size=image_size, num_classes=num_classes)
+    except MaskError as e:
+        return b"", f"mask {path}: {e}"
+    with Image.open(io.BytesIO(jpg)) as im:
+        size = im.size
+    if size != image_size:
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    return encode_mask(mask), None
 
 
 def _format_counts(counts: dict) -> str:
@@ -593,6 +662,63 @@ def fashion_mnist_caption(label: int, rng: np.random.Generator) -> str:
     return template.format(a=_article(name), c=name)
 
 
+FASHION_MNIST_FOREGROUND = 32
+"""Mosaic masks: an item's pixel of intensity >= this (of 255, after resizing) is the item's
+class; < FASHION_MNIST_BACKGROUND is background; between the two (soft edges) is IGNORE."""
+FASHION_MNIST_BACKGROUND = 8
+_MOSAIC_CAPTIONS = (  # {items}: "a sneaker at the top left, a bag at the top right and ..."
+    "{items}",
+    "a grey-scale grid: {items}",
+    "{number} fashion items, {items}",
+)
+_MOSAIC_LIST_CAPTIONS = (  # {items}: "a sneaker, a bag, a coat and a dress" (reading order)
+    "{number} fashion items: {items}",
+    "a grid of {items} on black",
+)
+
+
+def fashion_mnist_mosaic_classes() -> list[str]:
+    """classes.txt of a mosaic: 0 = background, i = FASHION_MNIST_CLASSES[i - 1]."""
+    return ["background", *FASHION_MNIST_CLASSES]
+
+
+def _mosaic_row(
+    items: np.ndarray, labels: list[int], grid: int, image_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """grid*grid 28x28 grey items (reading order) -> ([S, S] uint8 image, [S, S] mask, caption)."""
+    from PIL import Image
+
+    from maskclip.dense import IGNORE
+    from maskclip.synthetic import and_list, cell_name, where_phrase
+
+    cell = image_size // grid
+    image = np.zeros((image_size, image_size), np.uint8)
+    mask = np.zeros((image_size, image_size), np.uint8)
+    for k, (a, y) in enumerate(zip(items, labels)):
+        row, col = divmod(k, grid)
+        img = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8), mode="L")
+        if cell != img.width:
+            img = img.resize((cell, cell), Image.Resampling.BICUBIC)
+        tile = np.asarray(img)
+        m = np.where(tile >= FASHION_MNIST_FOREGROUND, y + 1, IGNORE).astype(np.uint8)
+        m[tile < FASHION_MNIST_BACKGROUND] = 0
+        box = np.s_[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+        image[box], mask[box] = tile, m
+    names = [FASHION_MNIST_CLASSES[y] for y in labels]
+    named = [f"{_article(n)} {n}" for n in names]
+    number = ("four", "nine")[grid - 2]
+    if rng.integers(3) == 0:
+        t = _MOSAIC_LIST_CAPTIONS[rng.integers(len(_MOSAIC_LIST_CAPTIONS))]
+        caption = t.format(items=and_list(named), number=number)
+    else:
+        t = _MOSAIC_CAPTIONS[rng.integers(len(_MOSAIC_CAPTIONS))]
+        located = [
+            f"{n} {where_phrase(cell_name(k % grid, k // grid, grid))}" for k, n in enumerate(named)
+        ]
+        caption = t.format(items=and_list(located), number=number)
+    return image, mask, caption
+
+
 def convert_fashion_mnist(
     out: str,
     source_dir: str = FASHION_MNIST_DIR,
@@ -601,6 +727,7 @@ def convert_fashion_mnist(
     limit: int | None = None,
     seed: int = 0,
     *,
+    mosaic: int = 0,
     quality: int = 95,
     endpoint_url: str | None = None,
     region: str | None = None,
@@ -612,6 +739,14 @@ def convert_fashion_mnist(
     label = class name; caption = a seeded random template over the class name; the 28x28 grey
     images are resized to image_size and stored as RGB JPEG. `limit` caps each split (the first
     rows). Returns {"train": stats, "test": stats}.
+
+    `mosaic` = k (2 or 3): each row is a k x k grid of items (each resized to image_size / k)
+    drawn without repeats from a seeded permutation of the split (train mosaics from train items,
+    test from test), with a `mask` column (maskclip.dense; classes.txt = background + the 10
+    classes; FASHION_MNIST_FOREGROUND / _BACKGROUND thresholds), a caption naming every item and
+    its place ("a sneaker at the top left, a bag at the top right, ..."), and label = the top-left
+    item's class. A split has len(split) // k² rows; `limit` caps the rows (reading only the
+    first limit * k² items).
     """
     from PIL import Image
 
@@ -625,14 +760,42 @@ def convert_fashion_mnist(
         )
     if image_size < 8:
         raise UserError(f"image_size must be at least 8 (got {image_size})")
+    if mosaic not in (0, 1, 2, 3):
+        raise UserError(f"mosaic must be 2 or 3 (items per side; got {mosaic})")
+    if mosaic > 1 and (image_size % mosaic or image_size // mosaic < 8):
+        raise UserError(
+            f"image_size {image_size} does not split into {mosaic}x{mosaic} cells of at least "
+            f"8 px (use a multiple of {mosaic}, at least {8 * mosaic})"
+        )
+    per_row = mosaic * mosaic if mosaic > 1 else 1
     result = {}
     for split_id, (split, (images_stem, labels_stem)) in enumerate(_FASHION_FILES.items()):
-        images = read_idx(_find_idx(source, images_stem), limit)
-        labels = read_idx(_find_idx(source, labels_stem), limit)
+        items = None if limit is None else limit * per_row
+        images = read_idx(_find_idx(source, images_stem), items)
+        labels = read_idx(_find_idx(source, labels_stem), items)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(
                 f"fashion-mnist: {split}: {images.shape} images do not match {labels.shape} labels"
             )
+        bad_label = np.flatnonzero(labels >= len(FASHION_MNIST_CLASSES))
+        if len(bad_label):
+            i = int(bad_label[0])
+            raise UserError(f"fashion-mnist: {split} row {i}: label {labels[i]} out of range")
+        if per_row > 1:
+            result[split] = write_shards(
+                _mosaic_rows(images, labels, mosaic, image_size, [seed, split_id], split, quality),
+                _join(out, split),
+                rows_per_shard,
+                endpoint_url,
+                region,
+                progress,
+                total=len(images) // per_row,
+                overwrite=overwrite,
+                source=f"fashion-mnist {split} ({source_dir}) mosaic={mosaic} "
+                f"image_size={image_size} seed={seed}",
+                classes=fashion_mnist_mosaic_classes(),
+            )
+            continue
 
         def rows(images=images, labels=labels, split=split, split_id=split_id) -> Iterator[dict]:
             rng = np.random.default_rng([seed, split_id])
@@ -664,6 +827,36 @@ def convert_fashion_mnist(
     return result
 
 
+def _mosaic_rows(
+    images: np.ndarray,
+    labels: np.ndarray,
+    grid: int,
+    image_size: int,
+    seed: list[int],
+    split: str,
+    quality: int,
+) -> Iterator[dict]:
+    from PIL import Image
+
+    from maskclip.dense import encode_mask
+    from maskclip.transforms import encode_jpeg
+
+    rng = np.random.default_rng(seed)
+    per_row = grid * grid
+    order = rng.permutation(len(images))
+    for j in range(len(images) // per_row):
+        pick = order[j * per_row : (j + 1) * per_row]
+        ys = [int(y) for y in labels[pick]]
+        image, mask, caption = _mosaic_row(images[pick], ys, grid, image_size, rng)
+        yield {
+            "key": f"{split}-{j:05d}",
+            "jpg": encode_jpeg(Image.fromarray(image, mode="L").convert("RGB"), quality=quality),
+            "caption": caption,
+            "label": FASHION_MNIST_CLASSES[ys[0]],
+            MASK_COLUMN: encode_mask(mask),
+        }
+
+
 # ----------------------------------------------------------------------------- inspect
 
 
@@ -684,6 +877,13 @@ def inspect(
     folder with shards has _SUCCESS), samples [{key, caption, label}], labels {label: count} or
     None, missing_columns, checked, bad_images, bad_examples, image_sizes}. `rows` comes from the
     Parquet footers; images are decoded only for the first `check_rows` rows.
+
+    With a `mask` column (maskclip.dense) also: classes (names from the first folder's
+    classes.txt, or None), classes_missing [folders with shards but no classes.txt],
+    classes_error (an unreadable classes.txt: why), classes_differ [folders whose list differs],
+    masks_checked, mask_shares {class: share of labelled pixels} over the checked rows' masks
+    (class indices as names when classes.txt is missing), mask_ignored (share of pixels = 255),
+    bad_masks, bad_mask_examples ("key: why": size vs image, index past classes.txt).
     """
     source = resolve_source(uri, None, "dataset", endpoint_url=endpoint_url, region=region)
     fs, files, root = source.filesystem, source.paths, source.root
@@ -715,6 +915,23 @@ def inspect(
         except OSError:
             complete = False
 
+    has_mask = MASK_COLUMN in names
+    part_classes: dict[str, list[str] | None] = {}
+    classes_error: str | None = None
+    unreadable: set[str] = set()
+    if has_mask:
+        for rel_dir in parts:
+            d = root if rel_dir == "." else f"{root}/{rel_dir}"
+            part_classes[rel_dir], why = _read_classes(fs, f"{d}/{CLASSES_FILE}")
+            if why is not None:
+                unreadable.add(rel_dir)
+                classes_error = classes_error or why
+    known = [c for c in part_classes.values() if c is not None]
+    classes = known[0] if known else None
+    mask_counts = np.zeros(256, np.int64)
+    masks_checked = bad_masks = 0
+    bad_mask_examples: list[str] = []
+
     labels: Counter | None = Counter() if label_column in names else None
     sample_rows: list[dict] = []
     checked = bad = 0
@@ -733,6 +950,9 @@ def inspect(
                     break
             if decode and checked < check_rows:
                 cols = [image_column] + (["key"] if "key" in names else [])
+                cols += [MASK_COLUMN] if has_mask else []
+                rel_dir = path[len(root) :].strip("/").rpartition("/")[0] or "."
+                n_classes = len(part_classes.get(rel_dir) or []) or None
                 for batch in pf.iter_batches(batch_size=256, columns=cols):
                     for r in batch.to_pylist():
                         if checked >= check_rows:
@@ -745,12 +965,22 @@ def inspect(
                             bad += 1
                             if len(bad_examples) < 3:
                                 bad_examples.append(f"{r.get('key', '?')}: {why}")
+                        if has_mask:
+                            masks_checked += 1
+                            size = None if img is None else img.size
+                            mask, why = _check_mask(r[MASK_COLUMN], size, n_classes)
+                            if mask is not None:
+                                mask_counts += np.bincount(mask.ravel(), minlength=256)
+                            else:
+                                bad_masks += 1
+                                if len(bad_mask_examples) < 3:
+                                    bad_mask_examples.append(f"{r.get('key', '?')}: {why}")
                     if checked >= check_rows:
                         break
         except (OSError, pa.ArrowInvalid) as e:
             raise UserError(f"dataset: cannot read {display(path, fs)}: {first_line(e)}") from None
 
-    return {
+    result = {
         "uri": uri,
         "rows": rows,
         "shards": len(files),
@@ -768,6 +998,61 @@ def inspect(
         "bad_examples": bad_examples,
         "image_sizes": dict(sizes.most_common(5)),
     }
+    if has_mask:
+        labelled = mask_counts[:IGNORE]
+        n = len(classes) if classes else int(np.flatnonzero(labelled).max(initial=-1)) + 1
+        total = mask_counts.sum()
+        shares = labelled / labelled.sum() if labelled.sum() else labelled.astype(float)
+        class_names = classes or [str(i) for i in range(n)]
+        result.update(
+            classes=classes,
+            classes_missing=[
+                _part_dir(root, d, fs)
+                for d, c in part_classes.items()
+                if c is None and d not in unreadable
+            ],
+            classes_error=classes_error,
+            classes_differ=[
+                _part_dir(root, d, fs) for d, c in part_classes.items() if c and c != classes
+            ],
+            masks_checked=masks_checked,
+            mask_shares={class_names[i]: float(shares[i]) for i in range(n)},
+            mask_ignored=float(mask_counts[IGNORE] / total) if total else 0.0,
+            bad_masks=bad_masks,
+            bad_mask_examples=bad_mask_examples,
+        )
+    return result
+
+
+def _part_dir(root: str, rel_dir: str, fs: pafs.FileSystem) -> str:
+    return display(root if rel_dir == "." else f"{root}/{rel_dir}", fs)
+
+
+def _read_classes(fs: pafs.FileSystem, path: str) -> tuple[list[str] | None, str | None]:
+    """(class names, None) from a classes.txt; (None, None) when absent; (None, why) if bad."""
+    from maskclip.dense import MaskError, parse_classes
+
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None, None
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8")
+        return parse_classes(text), None
+    except (MaskError, UnicodeDecodeError, OSError) as e:
+        return None, f"{display(path, fs)}: {first_line(e)}"
+
+
+def _check_mask(
+    data: Any, size: tuple[int, int] | None, num_classes: int | None
+) -> tuple[np.ndarray | None, str | None]:
+    from maskclip.dense import MaskError, decode_mask
+
+    if not data:
+        return None, "no mask"
+    try:
+        return decode_mask(data, size=size, num_classes=num_classes), None
+    except MaskError as e:
+        return None, str(e)
 
 
 def format_inspect(info: dict) -> str:
@@ -800,6 +1085,8 @@ def format_inspect(info: dict) -> str:
         for s in info["samples"]:
             label = f"  [{s['label']}]" if s.get("label") is not None else ""
             lines.append(f"  {s.get('key', '?')}{label}  {s.get('caption', '')}")
+    if "mask_shares" in info:
+        lines.extend(_format_masks(info))
     if info["checked"]:
         sizes = ", ".join(f"{k} ({v})" for k, v in info["image_sizes"].items())
         lines.append(
@@ -809,6 +1096,41 @@ def format_inspect(info: dict) -> str:
         lines.extend(f"  bad: {b}" for b in info["bad_examples"])
     lines.append(f"rows: {info['rows']}")
     return "\n".join(lines)
+
+
+def _format_masks(info: dict) -> list[str]:
+    lines = []
+    if info["classes"] is not None:
+        names = info["classes"]
+        shown = names[:30]
+        more = f", ... {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+        lines.append(f"classes ({len(names)}): " + ", ".join(shown) + more)
+    if info["classes_error"]:
+        lines.append(f"classes: bad {CLASSES_FILE}: {info['classes_error']}")
+    if info["classes_missing"]:
+        lines.append(
+            f"classes: mask column but no {CLASSES_FILE} in "
+            + ", ".join(info["classes_missing"])
+            + (" (classes shown by index)" if info["classes"] is None else "")
+        )
+    if info["classes_differ"]:
+        lines.append(
+            f"classes: {CLASSES_FILE} differs from the first in "
+            + ", ".join(info["classes_differ"])
+        )
+    if info["masks_checked"]:
+        shares = list(info["mask_shares"].items())
+        shown = shares[:30]
+        more = f", ... {len(shares) - len(shown)} more" if len(shares) > len(shown) else ""
+        lines.append(
+            f"mask pixel shares ({info['masks_checked'] - info['bad_masks']} masks, "
+            f"{info['mask_ignored']:.1%} ignored): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in shown)
+            + more
+        )
+        lines.append(f"masks: {info['masks_checked']} checked, {info['bad_masks']} bad")
+        lines.extend(f"  bad mask: {b}" for b in info["bad_mask_examples"])
+    return lines
 
 
 __all__ = [

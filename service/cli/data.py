@@ -3,7 +3,9 @@
 maskclip data synth --out data/shapes --rows 5000 [--val-rows 1000]
 maskclip data synth --out data/scenes --rows 5000 --test-rows 1000 --objects 3 --image-size 64
 maskclip data convert --images photos/ --captions captions.csv --out s3://bucket/photos
+maskclip data convert --images photos/ --masks masks/ [--classes classes.txt] --out data/seg
 maskclip data convert --fashion-mnist --out data/fmnist [--limit 2000]
+maskclip data convert --fashion-mnist --mosaic 2 --image-size 64 --out data/fmnist-mosaic
 maskclip data inspect data/shapes
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from .. import datasets
+from ..errors import UserError
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +76,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=args.progress,
         overwrite=args.overwrite,
     )
+    if args.fashion_mnist and (args.masks or args.classes):
+        raise UserError(
+            "--masks/--classes are for --images; Fashion-MNIST masks come with --mosaic"
+        )
+    if not args.fashion_mnist and args.mosaic:
+        raise UserError("--mosaic is for --fashion-mnist")
     if args.fashion_mnist:
         stats = datasets.convert_fashion_mnist(
             args.out,
@@ -80,6 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             limit=args.limit,
             seed=args.seed,
+            mosaic=args.mosaic,
             **common,
         )
     else:
@@ -90,6 +100,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             max_size=args.max_size,
             quality=args.quality,
             limit=args.limit,
+            masks=args.masks,
+            classes=args.classes,
             **common,
         )
     _report(stats)
@@ -148,10 +160,31 @@ def register(subparsers) -> None:
         metavar="DIR",
         help=f"Fashion-MNIST folder (default {datasets.FASHION_MNIST_DIR})",
     )
+    c.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="folder of per-pixel class masks (PNG, 8-bit, the image's size, value = class "
+        "index, 255 = ignore) at each image's relative path with .png: a `mask` column",
+    )
+    c.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="class names, line i = class i (default: classes.txt in --masks)",
+    )
     c.add_argument("--max-size", type=int, default=256, help="longer image side (folder)")
     c.add_argument("--quality", type=int, default=90, help="JPEG quality (folder)")
     c.add_argument("--image-size", type=int, default=32, help="image side (Fashion-MNIST)")
-    c.add_argument("--seed", type=int, default=0, help="caption templates (Fashion-MNIST)")
+    c.add_argument(
+        "--seed", type=int, default=0, help="caption templates, mosaic items (Fashion-MNIST)"
+    )
+    c.add_argument(
+        "--mosaic",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Fashion-MNIST: K x K items per image (2 or 3), each resized to IMAGE_SIZE/K, with a "
+        "per-pixel class `mask` column and classes.txt (dense labels)",
+    )
     c.add_argument("--limit", type=int, default=None, help="at most N rows (per split)")
     _write_args(c)
     c.set_defaults(func=cmd_convert)

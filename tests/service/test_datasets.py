@@ -6,12 +6,13 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from maskclip.dense import IGNORE, decode_mask, parse_classes
+from maskclip.dense import IGNORE, decode_mask, encode_mask, parse_classes
 from maskclip.synthetic import SHAPES, generate_scenes
 from service import datasets
 from service.cli import main
@@ -239,6 +240,88 @@ def test_convert_folder_errors(image_folder, tmp_path, capsys):
         datasets.convert_folder(str(d), str(ok_csv), str(tmp_path / "o"))
     with pytest.raises(UserError, match="images folder not found"):
         datasets.convert_folder(str(tmp_path / "nope"), None, str(tmp_path / "o"))
+
+
+def _write_mask(path: Path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_mask(np.asarray(array, dtype=np.uint8)))
+
+
+def test_convert_folder_with_masks(image_folder, tmp_path, capsys):
+    d, captions = image_folder
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("file,caption\n" + "".join(f"{n},{c}\n" for n, (c, _) in captions.items()))
+    masks = tmp_path / "masks"
+    red = np.zeros((200, 400), np.uint8)
+    red[:, 200:] = 2
+    red[:10, :10] = IGNORE
+    _write_mask(masks / "red.png", red)  # left half class 0, right half class 2
+    _write_mask(masks / "green.png", np.full((64, 64), 3))  # past the 3 classes
+    _write_mask(masks / "sub" / "grey.png", np.zeros((10, 10)))  # image is 50x80
+    (masks / "broken.png").write_bytes(b"not a png")  # its image is broken anyway
+    # alpha.png has no mask
+    classes = tmp_path / "classes.txt"
+    classes.write_text("background\nsky\nroad\n")
+    out = tmp_path / "out"
+    stats = datasets.convert_folder(
+        str(d), str(csv_path), str(out), max_size=128, masks=str(masks), classes=str(classes)
+    )
+    warnings = capsys.readouterr().err.splitlines()
+    assert sorted(w for w in warnings if "mask" in w) == [
+        f"warning: alpha.png: no mask {masks}/alpha.png (No such file or directory)",
+        f"warning: green.jpg: mask {masks}/green.png: mask has class index 3 but classes.txt "
+        "lists 3 classes (0..2, 255 = ignore)",
+        f"warning: sub/grey.png: mask {masks}/sub/grey.png: mask is 10x10 but its image is 50x80",
+    ]
+    assert stats["rows"] == 1 and stats["skipped"] == {
+        "corrupt image": 1,
+        "bad mask": 2,
+        "missing mask": 1,
+    }
+    assert (out / "classes.txt").read_text() == "background\nsky\nroad\n"
+    (row,) = _read(out).to_pylist()
+    assert row["key"] == "red.png"
+    mask = decode_mask(row["mask"], size=_decodes(row["jpg"]).size, num_classes=3)
+    assert mask.shape == (64, 128)  # resized with its image (nearest)
+    assert (mask[:, :64] == 0).sum() > 0.95 * 64 * 64 and (mask[:, 64:] == 2).all()
+    assert mask[0, 0] == IGNORE
+
+    # the class list comes from masks/classes.txt by default; none there: one line
+    with pytest.raises(UserError) as e:
+        datasets.convert_folder(str(d), str(csv_path), str(tmp_path / "o2"), masks=str(masks))
+    assert str(e.value) == (
+        f"{masks}/classes.txt: classes file not found (pass the class list with --classes FILE)"
+    )
+    (masks / "classes.txt").write_text("background\nsky\nsky\n")
+    with pytest.raises(UserError, match=r"classes.txt: classes.txt names 'sky' twice"):
+        datasets.convert_folder(str(d), str(csv_path), str(tmp_path / "o2"), masks=str(masks))
+    with pytest.raises(UserError, match="masks folder not found"):
+        datasets.convert_folder(str(d), None, str(tmp_path / "o2"), masks=str(tmp_path / "no"))
+
+
+def test_cli_convert_masks_one_line_per_bad_mask(image_folder, tmp_path, capsys):
+    d, captions = image_folder
+    for name, (cap, _) in captions.items():
+        (d / name).with_suffix(".txt").write_text(cap)
+    masks = tmp_path / "masks"
+    _write_mask(masks / "red.png", np.ones((200, 400)))
+    _write_mask(masks / "green.png", np.ones((64, 63)))
+    (masks / "classes.txt").write_text("background\nthing\n")
+    out = tmp_path / "o"
+    argv = ["data", "convert", "--images", str(d), "--masks", str(masks), "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"wrote 1 rows in 1 shard(s) to {out}; skipped ")
+    assert (
+        f"warning: green.jpg: mask {masks}/green.png: mask is 63x64 but its image is 64x64\n"
+        in (captured.err)
+    )
+    assert main(["data", "inspect", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "classes (2): background, thing" in lines
+    assert "mask pixel shares (1 masks, 0.0% ignored): background 0.000, thing 1.000" in lines
+    assert main(["data", "convert", "--images", str(d), "--mosaic", "2", "--out", "x"]) == 2
+    assert capsys.readouterr().err == "error: --mosaic is for --fashion-mnist\n"
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
