@@ -17,7 +17,7 @@ from maskclip.synthetic import SHAPES, generate_scenes
 from service import datasets
 from service.cli import main
 from service.errors import UserError
-from tests.service.data_fixtures import make_dense_dataset
+from tests.service.data_fixtures import make_dense_dataset, write_dense_split
 
 IMG2DATASET = {"key": pa.string(), "jpg": pa.binary(), "caption": pa.string()}
 
@@ -356,6 +356,76 @@ def test_convert_fashion_mnist(tmp_path):
     assert _read(tmp_path / "fm2" / "train").equals(train)  # deterministic by seed
 
 
+@pytest.mark.skipif(
+    not os.path.isdir(datasets.FASHION_MNIST_DIR),
+    reason="Fashion-MNIST absent (apt-get install dataset-fashion-mnist)",
+)
+def test_convert_fashion_mnist_mosaic(tmp_path, capsys):
+    from maskclip.synthetic import cell_name, where_phrase
+
+    out = tmp_path / "mos"
+    argv = ["data", "convert", "--fashion-mnist", "--mosaic", "2", "--image-size", "32"]
+    assert main([*argv, "--limit", "6", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"train: wrote 6 rows in 1 shard(s) to {out}/train",
+        f"test: wrote 6 rows in 1 shard(s) to {out}/test",
+    ]
+    classes = parse_classes((out / "test" / "classes.txt").read_text())
+    assert classes == ["background", *datasets.FASHION_MNIST_CLASSES]
+    names = datasets.FASHION_MNIST_CLASSES
+    raw = datasets.read_idx(
+        Path(datasets.FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz", limit=24
+    )
+    for split in ("train", "test"):
+        table = _read(out / split)
+        assert table.column_names == ["key", "jpg", "caption", "label", "mask"]
+        for row in table.to_pylist():
+            img = np.asarray(_decodes(row["jpg"]).convert("L"), dtype=np.float32)
+            mask = decode_mask(row["mask"], size=(32, 32), num_classes=len(classes))
+            items = []
+            for k in range(4):
+                r, c = divmod(k, 2)
+                q, qi = mask[r * 16 : r * 16 + 16, c * 16 : c * 16 + 16], img[r * 16 :, c * 16 :]
+                qi = qi[:16, :16]
+                fg = set(np.unique(q).tolist()) - {0, IGNORE}
+                assert len(fg) == 1, fg  # one item per quadrant
+                (cls,) = fg
+                items.append(names[cls - 1])
+                assert 0.1 < (q == cls).mean() < 0.95
+                assert qi[q == cls].mean() > 60 > qi[q == 0].mean()  # foreground is bright
+            assert row["label"] == items[0]  # top-left item
+            words = row["caption"]
+            if "top left" in words:  # "a sneaker at the top left, a bag at the top right, ..."
+                for k, name in enumerate(items):
+                    where = where_phrase(cell_name(k % 2, k // 2, 2))
+                    assert f"{datasets._article(name)} {name} {where}" in words
+            else:  # "four fashion items: a sneaker, a bag, a coat and a dress" (reading order)
+                listed = [f"{datasets._article(n)} {n}" for n in items]
+                assert ", ".join(listed[:3]) + " and " + listed[3] in words
+    # train mosaics are made of train items: the 24 first are the pool with --limit 6
+    train = _read(out / "train").to_pylist()
+    first = np.asarray(_decodes(train[0]["jpg"]).convert("L"), dtype=np.float32)[:16, :16]
+    from PIL import Image as _Image
+
+    tiles = [
+        np.asarray(_Image.fromarray(a).resize((16, 16), _Image.Resampling.BICUBIC)) for a in raw
+    ]
+    assert min(np.abs(first - t).mean() for t in tiles) < 4
+    # deterministic by seed; another seed draws other items
+    again = tmp_path / "again"
+    datasets.convert_fashion_mnist(str(again), image_size=32, limit=6, mosaic=2, progress=False)
+    assert _read(again / "train").equals(_read(out / "train"))
+    other = tmp_path / "other"
+    datasets.convert_fashion_mnist(
+        str(other), image_size=32, limit=6, mosaic=2, seed=1, progress=False
+    )
+    assert _read(other / "train").column("mask") != _read(out / "train").column("mask")
+    with pytest.raises(UserError, match="mosaic must be 2 or 3"):
+        datasets.convert_fashion_mnist(str(tmp_path / "x"), mosaic=4, limit=1)
+    with pytest.raises(UserError, match=r"image_size 31 does not split into 2x2 cells"):
+        datasets.convert_fashion_mnist(str(tmp_path / "x"), mosaic=2, image_size=31, limit=1)
+
+
 def test_fashion_mnist_missing_data(tmp_path):
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         datasets.convert_fashion_mnist(str(tmp_path / "o"), source_dir=str(tmp_path / "none"))
@@ -414,6 +484,79 @@ def test_inspect_reports_rows_columns_and_bad_images(tmp_path):
         datasets.inspect(str(tmp_path / "notparquet"))
     with pytest.raises(UserError, match="^dataset: no files match"):
         datasets.inspect(str(tmp_path / "ds" / "..") + "/empty*")
+
+
+def test_inspect_dense_classes_and_pixel_shares(tmp_path, capsys):
+    from maskclip.dense import pixel_shares
+    from maskclip.synthetic import scene_classes
+
+    out = make_dense_dataset(tmp_path, rows=6, test_rows=2, image_size=24, objects=2)
+    info = datasets.inspect(str(out / "train"))
+    classes = scene_classes()
+    assert info["classes"] == classes and info["classes_missing"] == []
+    masks = [decode_mask(m) for m in _read(out / "train").column("mask").to_pylist()]
+    want = pixel_shares(masks, len(classes))
+    assert info["mask_shares"] == pytest.approx(dict(zip(classes, want)))
+    ignored = sum(int((m == IGNORE).sum()) for m in masks) / (6 * 24 * 24)
+    assert info["mask_ignored"] == pytest.approx(ignored)
+    assert (info["masks_checked"], info["bad_masks"]) == (6, 0)
+    assert main(["data", "inspect", str(out / "train")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = lines.index("classes (9): " + ", ".join(classes))
+    head, _, tail = lines[i + 1].partition("): ")
+    assert head == f"mask pixel shares (6 masks, {ignored:.1%} ignored"
+    parsed = dict(part.rsplit(" ", 1) for part in tail.split(", "))
+    assert list(parsed) == classes
+    assert [float(v) for v in parsed.values()] == pytest.approx(want, abs=5e-4)
+    assert lines[i + 2] == "masks: 6 checked, 0 bad"
+
+    # faults: no classes.txt; a mask of the wrong size; a class index past the list
+    rows = _read(out / "test").to_pylist()
+    rows[0]["mask"] = encode_mask(np.zeros((12, 24), np.uint8))
+    rows[1]["mask"] = encode_mask(np.full((24, 24), 4, np.uint8))
+    bad = tmp_path / "bad"
+    write_dense_split(bad, rows)  # no classes.txt
+    assert main(["data", "inspect", str(bad)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"classes: mask column but no classes.txt in {bad} (classes shown by index)" in lines
+    # without the class list, shares by index; the size is still checked against the image
+    i = lines.index("masks: 2 checked, 1 bad")
+    assert lines[i - 1 : i + 2] == [
+        "mask pixel shares (1 masks, 0.0% ignored): 0 0.000, 1 0.000, 2 0.000, 3 0.000, 4 1.000",
+        "masks: 2 checked, 1 bad",
+        f"  bad mask: {rows[0]['key']}: mask is 24x12 but its image is 24x24",
+    ]
+    write_dense_split(bad, rows, classes=["background", "a", "b"])
+    info = datasets.inspect(str(bad))
+    assert info["classes"] == ["background", "a", "b"] and info["classes_missing"] == []
+    assert info["bad_masks"] == 2 and info["bad_mask_examples"] == [
+        f"{rows[0]['key']}: mask is 24x12 but its image is 24x24",
+        f"{rows[1]['key']}: mask has class index 4 but classes.txt lists 3 classes "
+        "(0..2, 255 = ignore)",
+    ]
+    lines = datasets.format_inspect(info).splitlines()
+    assert lines[lines.index("masks: 2 checked, 2 bad") + 1 :][:2] == [
+        f"  bad mask: {rows[0]['key']}: mask is 24x12 but its image is 24x24",
+        f"  bad mask: {rows[1]['key']}: mask has class index 4 but classes.txt lists 3 classes "
+        "(0..2, 255 = ignore)",
+    ]
+    (bad / "classes.txt").write_text("a\na\n")
+    info = datasets.inspect(str(bad))
+    assert info["classes"] is None and info["classes_missing"] == []
+    assert (
+        info["classes_error"] == f"{bad}/classes.txt: classes.txt names 'a' twice (lines 1 and 2)"
+    )
+
+
+def test_training_reader_skips_the_mask_column_and_classes_file(tmp_path):
+    from service.storage import resolve_source
+
+    out = make_dense_dataset(tmp_path, rows=3, test_rows=1, image_size=16)
+    source = resolve_source(str(out / "train"))
+    assert [Path(p).name for p in source.paths] == ["part-00000.parquet"]  # not classes.txt
+    # service.data.build_dataset reads only the columns it names (image, caption, label, status)
+    (batch,) = list(source.iter_batches(["jpg", "caption"]))
+    assert batch.schema.names == ["jpg", "caption"] and batch.num_rows == 3
 
 
 # ----------------------------------------------------------------------------- S3 (moto)
