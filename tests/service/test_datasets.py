@@ -615,6 +615,12 @@ def test_synth_and_inspect_on_s3(s3):
     assert pq.read_table(io.BytesIO(body)).num_rows == 2
     info = datasets.inspect(f"s3://{bucket}/shapes")
     assert info["rows"] == 12 and info["bad_images"] == 0 and info["complete"]
+    # dense scenes: classes.txt goes beside the shards on S3 and inspect reads it there
+    datasets.synth(f"s3://{bucket}/dense", rows=3, image_size=16, objects=2, progress=False)
+    body = client.get_object(Bucket=bucket, Key="dense/classes.txt")["Body"].read().decode()
+    assert parse_classes(body) == ["background", *SHAPES]
+    info = datasets.inspect(f"s3://{bucket}/dense")
+    assert info["classes"] == ["background", *SHAPES] and info["masks_checked"] == 3
     with pytest.raises(UserError, match="^output: bucket 'no-such-bucket-here' does not exist"):
         datasets.synth("s3://no-such-bucket-here/x", rows=2, image_size=16)
     with pytest.raises(UserError) as e:
