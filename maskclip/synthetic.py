@@ -237,8 +237,9 @@ def make_scene(index: int, image_size: int = 32, seed: int = 0, objects: int = 2
     Returns {"key", "jpg", "caption", "label", "colour", "mask", "objects"}: `mask` is PNG bytes
     (maskclip.dense: class i = scene_classes()[i], IGNORE on edge pixels shared about equally by
     two classes); `label`/`colour` are the largest object's shape and colour; `objects` lists
-    {"shape", "colour", "where"} (where = the cell's name, e.g. "top left") in caption order. The
-    caption names every object and nothing else. Depends only on (seed, index, objects)."""
+    {"shape", "colour", "where"} (where = the cell's name, e.g. "top left") in reading order
+    (top row first, left to right). The caption names every object, with its colour, and no other
+    shape. Depends only on (seed, index, objects)."""
     if not 1 <= objects <= MAX_OBJECTS:
         raise ValueError(f"objects must be 1..{MAX_OBJECTS} (got {objects})")
     rng = np.random.default_rng([seed, index, objects, 7])

@@ -669,6 +669,13 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["data", "convert", "--fashion-mnist", "--source", "/nope", "--out", "/tmp/x"]) == 2
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and err.count("\n") == 1
+    assert main(["data", "convert", "--fashion-mnist", "--masks", "m", "--out", "/tmp/x"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "error: --masks/--classes are for --images; Fashion-MNIST masks come with --mosaic\n"
+    )
+    assert main(["data", "synth", "--out", "/tmp/x", "--rows", "2", "--objects", "9"]) == 2
+    assert capsys.readouterr().err == "error: objects must be between 1 and 7 (got 9)\n"
     with pytest.raises(SystemExit) as e:  # argparse: --images and --fashion-mnist exclusive
         main(["data", "convert", "--images", "a", "--fashion-mnist", "--out", "o"])
     assert e.value.code == 2
