@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from maskclip.dense import CLASSES_FILE, IGNORE, MASK_COLUMN, format_classes
+from maskclip.dense import CLASSES_FILE, IGNORE, MASK_COLUMN, encode_mask, format_classes
 from maskclip.templates import FASHION_MNIST_CAPTIONS
 
 from .errors import UserError
@@ -682,13 +682,20 @@ def fashion_mnist_mosaic_classes() -> list[str]:
     return ["background", *FASHION_MNIST_CLASSES]
 
 
+def fashion_mnist_item_mask(tile: np.ndarray, label: int) -> np.ndarray:
+    """One grey item's mask: label + 1 where it is bright, background where dark, IGNORE on the
+    soft edge between (FASHION_MNIST_FOREGROUND / _BACKGROUND)."""
+    m = np.where(tile >= FASHION_MNIST_FOREGROUND, label + 1, IGNORE).astype(np.uint8)
+    m[tile < FASHION_MNIST_BACKGROUND] = 0
+    return m
+
+
 def _mosaic_row(
     items: np.ndarray, labels: list[int], grid: int, image_size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """grid*grid 28x28 grey items (reading order) -> ([S, S] uint8 image, [S, S] mask, caption)."""
     from PIL import Image
 
-    from maskclip.dense import IGNORE
     from maskclip.synthetic import and_list, cell_name, where_phrase
 
     cell = image_size // grid
@@ -700,8 +707,7 @@ def _mosaic_row(
         if cell != img.width:
             img = img.resize((cell, cell), Image.Resampling.BICUBIC)
         tile = np.asarray(img)
-        m = np.where(tile >= FASHION_MNIST_FOREGROUND, y + 1, IGNORE).astype(np.uint8)
-        m[tile < FASHION_MNIST_BACKGROUND] = 0
+        m = fashion_mnist_item_mask(tile, y)
         box = np.s_[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
         image[box], mask[box] = tile, m
     names = [FASHION_MNIST_CLASSES[y] for y in labels]
@@ -737,7 +743,9 @@ def convert_fashion_mnist(
     """Fashion-MNIST idx files -> `out/train` (60k) and `out/test` (10k) shards.
 
     label = class name; caption = a seeded random template over the class name; the 28x28 grey
-    images are resized to image_size and stored as RGB JPEG. `limit` caps each split (the first
+    images are resized to image_size and stored as RGB JPEG, with a `mask` column (the item's
+    pixels = its class + 1, see fashion_mnist_item_mask) and classes.txt, so single items are a
+    dense-labelled set too. `limit` caps each split (the first
     rows). Returns {"train": stats, "test": stats}.
 
     `mosaic` = k (2 or 3): each row is a k x k grid of items (each resized to image_size / k)
@@ -811,6 +819,7 @@ def convert_fashion_mnist(
                     "jpg": encode_jpeg(img.convert("RGB"), quality=quality),
                     "caption": fashion_mnist_caption(y, rng),
                     "label": FASHION_MNIST_CLASSES[y],
+                    MASK_COLUMN: encode_mask(fashion_mnist_item_mask(np.asarray(img), y)),
                 }
 
         result[split] = write_shards(
@@ -823,6 +832,7 @@ def convert_fashion_mnist(
             total=len(images),
             overwrite=overwrite,
             source=f"fashion-mnist {split} ({source_dir}) image_size={image_size} seed={seed}",
+            classes=fashion_mnist_mosaic_classes(),
         )
     return result
 
@@ -838,7 +848,6 @@ def _mosaic_rows(
 ) -> Iterator[dict]:
     from PIL import Image
 
-    from maskclip.dense import encode_mask
     from maskclip.transforms import encode_jpeg
 
     rng = np.random.default_rng(seed)

@@ -349,6 +349,14 @@ def test_convert_fashion_mnist(tmp_path):
     assert train.column("key")[0].as_py() == "train-00000"
     # the first training image of Fashion-MNIST is an ankle boot (label 9)
     assert train.column("label")[0].as_py() == "ankle boot"
+    # single items are dense-labelled too: the garment's pixels are its class + 1
+    classes = (tmp_path / "fm" / "train" / "classes.txt").read_text().splitlines()
+    assert classes == ["background", *datasets.FASHION_MNIST_CLASSES]
+    from maskclip.dense import IGNORE, decode_mask
+
+    mask = decode_mask(train.column("mask")[0].as_py(), (32, 32), len(classes))
+    assert set(np.unique(mask)) == {0, classes.index("ankle boot"), IGNORE}
+    assert (mask == classes.index("ankle boot")).mean() > 0.2 and (mask == 0).mean() > 0.2
     again = datasets.convert_fashion_mnist(
         str(tmp_path / "fm2"), limit=40, rows_per_shard=40, progress=False
     )
