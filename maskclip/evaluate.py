@@ -1,4 +1,5 @@
-"""Evaluation on features: zero-shot classification, retrieval recall@K, linear probe.
+"""Evaluation on features: zero-shot classification, retrieval recall@K, linear probe, and
+dense (per-pixel) evaluation on patch tokens: a dense linear probe and zero-shot segmentation.
 
 Everything but `encode_features` takes plain tensors (or arrays) of features; nothing here reads
 data (the service's evaluation does, and feeds batches to `encode_features`).
@@ -7,6 +8,9 @@ data (the service's evaluation does, and feeds batches to `encode_features`).
     clf = zero_shot_classifier(model.encode_text, tok, class_names(), templates("shapes"))
     zero_shot_accuracy(image_features, clf, labels)     # {"top1": ..., "top5": ...}
     retrieval_recall(image_features, text_features)     # {"image_to_text_R1": ..., ...}
+    tokens = model.encode_patches(images)               # [N, gh, gw, width]
+    dense_probe(train_tokens, train_masks, test_tokens, test_masks, C)   # {"miou", ...}
+    zero_shot_segmentation(model.project_patches(tokens), clf, masks)    # {"miou", ...}
 """
 
 from __future__ import annotations
@@ -167,3 +171,210 @@ def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
         raise ValueError("pred and labels must have one shape and values in [0, num_classes)")
     flat = np.bincount(t.ravel() * num_classes + p.ravel(), minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes)
+
+
+# ---------------------------------------------------------------- dense (per-pixel) evaluation
+#
+# Masks are [N, H, W] integer class indices at the evaluated image resolution (maskclip.dense:
+# IGNORE = 255 = not labelled); patch tokens are [N, gh, gw, D] on the model's patch grid
+# (`MaskCLIP.encode_patches`). Predictions are made per patch and upsampled to pixels bilinearly
+# on the class scores (logits), then argmax; metrics count labelled pixels only.
+
+
+def segmentation_confusion(pred, target, num_classes: int) -> np.ndarray:
+    """`confusion_matrix` over the labelled pixels only (target != IGNORE): rows true class,
+    columns predicted. Target values other than IGNORE must be < num_classes."""
+    from .dense import IGNORE
+
+    p = torch.as_tensor(pred).reshape(-1)
+    t = torch.as_tensor(target).reshape(-1)
+    keep = t != IGNORE
+    return confusion_matrix(p[keep], t[keep], num_classes)
+
+
+def metrics_from_confusion(cm: np.ndarray) -> dict:
+    """{"miou", "pixel_accuracy", "iou"} from a pixel confusion matrix. A class's IoU is
+    TP / (TP + FP + FN); mIoU averages over the classes present in the ground truth or the
+    prediction (union > 0); "iou" lists every class's IoU (NaN where absent from both). With no
+    labelled pixel at all both metrics are 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    iou = np.full(cm.shape[0], np.nan)
+    present = union > 0
+    iou[present] = tp[present] / union[present]
+    total = cm.sum()
+    return {
+        "miou": float(iou[present].mean()) if present.any() else 0.0,
+        "pixel_accuracy": float(tp.sum() / total) if total else 0.0,
+        "iou": iou.tolist(),
+    }
+
+
+def segmentation_metrics(pred, target, num_classes: int) -> dict:
+    """mIoU and pixel accuracy of predicted class maps against target masks (same shape, any
+    leading dims); IGNORE pixels of the target are left out. See `metrics_from_confusion`."""
+    return metrics_from_confusion(segmentation_confusion(pred, target, num_classes))
+
+
+def patch_targets(masks, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """[N, H, W] pixel masks -> [N, gh, gw] long: each patch's majority labelled class (ties: the
+    lowest index), IGNORE where the patch has no labelled pixel. H and W must be multiples of
+    the grid."""
+    from .dense import IGNORE
+
+    m = torch.as_tensor(masks).long()
+    n, h, w = m.shape
+    gh, gw = grid
+    if h % gh or w % gw:
+        raise ValueError(f"a {h}x{w} mask does not split into a {gh}x{gw} patch grid")
+    c1 = num_classes + 1
+    lab = torch.where(m == IGNORE, torch.tensor(num_classes), m)
+    if lab.numel() and int(lab.max()) > num_classes:
+        raise ValueError(f"mask values must be < {num_classes} or {IGNORE}")
+    rows = torch.arange(h) // (h // gh)
+    cols = torch.arange(w) // (w // gw)
+    pid = (torch.arange(n)[:, None, None] * gh + rows[None, :, None]) * gw + cols[None, None, :]
+    counts = torch.bincount((pid * c1 + lab).reshape(-1), minlength=n * gh * gw * c1)
+    counts = counts.view(n, gh, gw, c1)[..., :num_classes]
+    out = counts.argmax(dim=-1)
+    out[counts.sum(dim=-1) == 0] = IGNORE
+    return out
+
+
+def patch_pixels(images, patch_size: int) -> torch.Tensor:
+    """[N, 3, H, W] images -> [N, gh, gw, 3 * p * p]: each patch's pixels, flattened (the
+    raw-pixel baseline's "tokens", on the same grid as a ViT with this patch size)."""
+    x = _tensor(images)
+    n, c, h, w = x.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"a {h}x{w} image does not split into {p}x{p} patches")
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, h // p, w // p, c * p * p)
+
+
+def _upsampled_predictions(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    masks,
+    num_classes: int,
+    chunk: int,
+    keep: int,
+) -> dict:
+    """Per-patch class scores ([n, gh, gw, C] from `logits_fn(tokens[i:j])`) upsampled
+    bilinearly to the masks' size, argmax per pixel, confusion accumulated chunk by chunk.
+    Returns the metrics plus the confusion matrix and the first `keep` predicted masks."""
+    masks = torch.as_tensor(masks)
+    if tokens.shape[0] != masks.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} token maps but {masks.shape[0]} masks")
+    size = tuple(masks.shape[-2:])
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    kept: list[torch.Tensor] = []
+    for i in range(0, tokens.shape[0], chunk):
+        logits = logits_fn(tokens[i : i + chunk]).permute(0, 3, 1, 2)  # [n, C, gh, gw]
+        up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        pred = up.argmax(dim=1)
+        cm += segmentation_confusion(pred, masks[i : i + chunk], num_classes)
+        if sum(len(k) for k in kept) < keep:
+            kept.append(pred[: keep - sum(len(k) for k in kept)].to(torch.uint8))
+    out = metrics_from_confusion(cm)
+    out["confusion_matrix"] = cm
+    out["pred"] = torch.cat(kept) if kept else torch.zeros((0, *size), dtype=torch.uint8)
+    return out
+
+
+def fit_linear(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multinomial logistic regression on standardised features, fitted full-batch with L-BFGS
+    (strong-Wolfe line search) from zero weights: no randomness, the same fit every time on the
+    same rows. x: [M, D], y: [M] in 0..C-1. Returns f(features [..., D]) -> logits [..., C]."""
+    x = _tensor(x)
+    y = torch.as_tensor(y).long()
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False).clamp(min=1e-6)
+    xs = (x - mean) / std
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-6,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ w + b, y) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda f: ((_tensor(f) - mean) / std) @ w + b
+
+
+def dense_probe(
+    train_tokens,
+    train_masks,
+    test_tokens,
+    test_masks,
+    num_classes: int,
+    *,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    chunk: int = 64,
+    keep: int = 4,
+) -> dict:
+    """Linear probe on frozen patch tokens, evaluated per pixel.
+
+    train_tokens / test_tokens: [N, gh, gw, D] (patch tokens, or any per-patch features such as
+    `patch_pixels`); train_masks / test_masks: [N, H, W] class indices (IGNORE = 255) at image
+    resolution, H and W multiples of the grid. Each training patch's target is the majority
+    labelled class of its pixels (patches with no labelled pixel are left out); the classifier
+    is `fit_linear` (multinomial logistic regression, L-BFGS, standardised features, weight
+    decay `weight_decay`). Test patches' class scores are upsampled bilinearly to pixels, argmax.
+
+    Returns {"miou", "pixel_accuracy", "iou" (per class, NaN where absent), "confusion_matrix",
+    "pred" (the first `keep` test predictions, [keep, H, W] uint8), "train_patches"}.
+    """
+    from .dense import IGNORE
+
+    tr = _tensor(train_tokens)
+    te = _tensor(test_tokens)
+    if tr.ndim != 4 or te.ndim != 4 or tr.shape[-1] != te.shape[-1]:
+        raise ValueError("tokens must be [N, gh, gw, D], with one D for train and test")
+    y = patch_targets(train_masks, tuple(tr.shape[1:3]), num_classes).reshape(-1)
+    x = tr.reshape(-1, tr.shape[-1])
+    labelled = y != IGNORE
+    x, y = x[labelled], y[labelled]
+    if x.shape[0] == 0:
+        raise ValueError("no training patch has a labelled pixel")
+    predict = fit_linear(x, y, num_classes, weight_decay, max_iter)
+    out = _upsampled_predictions(predict, te, test_masks, num_classes, chunk, keep)
+    out["train_patches"] = int(x.shape[0])
+    return out
+
+
+def zero_shot_segmentation(
+    projected_tokens, class_embeddings, masks, *, chunk: int = 64, keep: int = 4
+) -> dict:
+    """Each patch's class is the prompt embedding it is most similar to (cosine): projected
+    patch tokens [N, gh, gw, D] (`encode_patches(..., project=True)`) against class embeddings
+    [C, D] (`zero_shot_classifier`, the same templates as zero-shot classification); the
+    similarities are upsampled bilinearly to the masks' [N, H, W] size, argmax per pixel.
+    Returns the same keys as `dense_probe` (without "train_patches")."""
+    clf = F.normalize(_tensor(class_embeddings), dim=-1)
+    tokens = _tensor(projected_tokens)
+    return _upsampled_predictions(
+        lambda t: F.normalize(t, dim=-1) @ clf.T, tokens, masks, clf.shape[0], chunk, keep
+    )

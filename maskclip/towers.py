@@ -229,6 +229,21 @@ class MaskCLIP(nn.Module):
         f = self.visual.embed(self.visual.tokens(images))
         return F.normalize(f, dim=-1) if normalize else f
 
+    def encode_patches(self, images: torch.Tensor, project: bool = False) -> torch.Tensor:
+        """Final-layer patch tokens (class token excluded) on the patch grid: `[B, gh, gw,
+        width]` after the trunk's final norm; with `project` each token goes through the image
+        projection into the joint image-text space and is L2-normalised (`[B, gh, gw,
+        embed_dim]`, comparable with `encode_text`). Dense evaluation reads these."""
+        tokens = self.visual.tokens(images)[:, 1:]
+        gh, gw = self.visual.grid
+        tokens = tokens.reshape(tokens.shape[0], gh, gw, tokens.shape[-1])
+        return self.project_patches(tokens) if project else tokens
+
+    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`encode_patches(images)` -> `encode_patches(images, project=True)` without running
+        the trunk again (the image projection, then L2 normalisation, on the last dim)."""
+        return F.normalize(self.visual.proj(tokens), dim=-1)
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         f = self.text.embed(self.text.tokens(tokens), tokens)
         return F.normalize(f, dim=-1) if normalize else f

@@ -4,13 +4,19 @@ import numpy as np
 import pytest
 import torch
 
+from maskclip.dense import IGNORE
 from maskclip.evaluate import (
     confusion_matrix,
+    dense_probe,
     encode_features,
     linear_probe,
+    patch_pixels,
+    patch_targets,
     retrieval_recall,
+    segmentation_metrics,
     zero_shot_accuracy,
     zero_shot_classifier,
+    zero_shot_segmentation,
 )
 from maskclip.templates import FASHION_MNIST_CAPTIONS, TEMPLATE_SETS, check_templates, templates
 
@@ -205,3 +211,99 @@ def test_template_sets_and_checks():
         assert check_templates(bad) is not None and check_templates(bad).startswith(message), bad
         with pytest.raises(ValueError, match="got"):
             templates(bad)
+
+
+# ---------------------------------------------------------------- dense evaluation
+
+
+def test_segmentation_metrics_by_hand():
+    """Ignored pixels leave both metrics; mIoU averages the classes in GT or prediction only."""
+    target = torch.tensor([[0, 0, 1], [1, IGNORE, 2]])
+    pred = torch.tensor([[0, 1, 1], [1, 0, 0]])  # the 0 under IGNORE counts nowhere
+    out = segmentation_metrics(pred, target, num_classes=4)
+    # confusion (rows true): 0 -> {0: 1, 1: 1}; 1 -> {1: 2}; 2 -> {0: 1}; class 3 absent
+    # IoU: 0 = 1 / (2 + 2 - 1), 1 = 2 / (2 + 3 - 2), 2 = 0 / 1
+    assert out["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert out["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert out["iou"][:3] == pytest.approx([1 / 3, 2 / 3, 0.0]) and math.isnan(out["iou"][3])
+    perfect = segmentation_metrics(target.clamp(max=2), target, 3)
+    assert perfect["miou"] == 1.0 and perfect["pixel_accuracy"] == 1.0
+    nothing = segmentation_metrics(pred, torch.full((2, 3), IGNORE), 3)
+    assert nothing["miou"] == 0.0 and nothing["pixel_accuracy"] == 0.0
+
+
+def test_patch_targets_majority_ties_and_unlabelled():
+    m = torch.tensor(
+        [
+            [
+                [0, 0, 1, 1],
+                [1, IGNORE, 2, 2],
+                [IGNORE, IGNORE, 2, IGNORE],
+                [IGNORE, IGNORE, IGNORE, IGNORE],
+            ]
+        ],
+        dtype=torch.uint8,
+    )
+    # 2x2 patches: {0,0,1,ignore} -> 0; {1,1,2,2} tie -> 1 (lowest); all ignore; {2} -> 2
+    assert patch_targets(m, (2, 2), 3).tolist() == [[[0, 1], [IGNORE, 2]]]
+    with pytest.raises(ValueError, match="patch grid"):
+        patch_targets(m, (3, 3), 3)
+
+
+def test_patch_pixels_follow_the_vit_grid():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    p = patch_pixels(x, 2)
+    assert p.shape == (2, 2, 3, 12)
+    assert torch.equal(p[1, 1, 2], x[1, :, 2:4, 4:6].reshape(-1))
+
+
+def _patch_masks(classes: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, gh, gw] patch classes -> [N, gh*p, gw*p] pixel masks, constant on each patch."""
+    return classes.repeat_interleave(patch, 1).repeat_interleave(patch, 2).to(torch.uint8)
+
+
+def _tokens(n: int, seed: int, noise: float, signal: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randint(0, 3, (n, 4, 4), generator=g)
+    centres = torch.eye(3, 8) * signal
+    return centres[cls] + noise * torch.randn(n, 4, 4, 8, generator=g), _patch_masks(cls, 4)
+
+
+def test_dense_probe_separable_tokens_and_noise():
+    """Tokens that carry the class (class centre + noise) give a high per-pixel mIoU (not 1: the
+    bilinear upsampling of the scores rounds the corners of patches whose neighbours share
+    another class, on these random patch-by-patch labels); tokens that carry nothing give about
+    chance."""
+    tr, mtr = _tokens(40, 0, noise=0.3)
+    te, mte = _tokens(20, 1, noise=0.3)
+    mte[0, :2, :] = IGNORE  # ignored pixels are left out, not counted wrong
+    out = dense_probe(tr, mtr, te, mte, num_classes=3, keep=2)
+    assert out["miou"] > 0.85 and out["pixel_accuracy"] > 0.9, out["miou"]
+    assert out["train_patches"] == 40 * 16
+    assert out["pred"].shape == (2, 16, 16) and out["pred"].dtype == torch.uint8
+    assert out["confusion_matrix"].sum() == 20 * 256 - 2 * 16
+    noise, _ = _tokens(40, 0, noise=1.0, signal=0.0)
+    chance = dense_probe(noise, mtr, _tokens(20, 1, 1.0, 0.0)[0], mte, num_classes=3)
+    assert chance["miou"] < 0.45, chance["miou"]
+    # the same rows give the same fit (L-BFGS from zero weights: nothing random)
+    again = dense_probe(tr, mtr, te, mte, num_classes=3, keep=2)
+    assert again["miou"] == out["miou"] and torch.equal(again["pred"], out["pred"])
+
+
+def test_zero_shot_segmentation_exact():
+    """One image of two 4x4 patches: the left patch's token is class 0's embedding, the right
+    one's is class 1's while its pixels are class 2. Bilinear upsampling keeps each pixel with
+    its own patch (weight >= 5/8), so: class 0 all right, class 2 all predicted 1."""
+    emb = torch.eye(3, 5) * 2.0  # normalised inside
+    tokens = torch.zeros(1, 1, 2, 5)
+    tokens[0, 0, 0, 0] = 0.7
+    tokens[0, 0, 1, 1] = 1.3
+    target = torch.zeros(1, 4, 8, dtype=torch.uint8)
+    target[0, :, 4:] = 2
+    target[0, 0, 0] = IGNORE
+    out = zero_shot_segmentation(tokens, emb, target)
+    assert out["pred"][0].tolist() == [[0] * 4 + [1] * 4] * 4
+    assert out["pixel_accuracy"] == pytest.approx(15 / 31)
+    assert out["iou"] == pytest.approx([1.0, 0.0, 0.0])
+    assert out["miou"] == pytest.approx(1 / 3)
+    assert out["confusion_matrix"].tolist() == [[15, 0, 0], [0, 0, 0], [0, 16, 0]]

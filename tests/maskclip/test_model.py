@@ -224,3 +224,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mode):
     assert set(ckpt) == set(plain) and len(plain) > 20
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_encode_patches_are_the_final_patch_tokens_on_the_grid():
+    """Dense evaluation's tokens: the final-norm patch tokens (class token dropped) laid out
+    row-major on the patch grid; project=True is the image projection, L2-normalised."""
+    torch.manual_seed(0)
+    model = create_model("maskclip_nano").eval()  # 32 px, patch 8: a 4x4 grid, width 64
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        patches = model.encode_patches(images)
+        projected = model.encode_patches(images, project=True)
+        tokens = model.visual.tokens(images)
+    assert patches.shape == (3, 4, 4, 64) and projected.shape == (3, 4, 4, model.cfg.embed_dim)
+    assert torch.equal(patches[:, 1, 2], tokens[:, 1 + 1 * 4 + 2])  # row 1, column 2
+    assert torch.equal(patches.reshape(3, 16, 64), tokens[:, 1:])
+    want = torch.nn.functional.normalize(tokens[:, 1:] @ model.visual.proj.weight.T, dim=-1)
+    torch.testing.assert_close(projected.reshape(3, 16, -1), want)
+    torch.testing.assert_close(projected.norm(dim=-1), torch.ones(3, 4, 4))
+    assert torch.equal(model.project_patches(patches), projected)
