@@ -425,6 +425,11 @@ class Evaluation:
     rows: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     zero_shot: dict | None = None
+    dense: dict | None = None
+    """Dense details: the class names, per task its per-class IoU and pixel confusion matrix."""
+    examples: list[dict] = field(default_factory=list)
+    """For the figures (not JSON): per test source, {"title", "images" [k, 3, H, W] normalised,
+    "target" [k, H, W], "preds" {task: [k, H, W]}, "classes"}."""
 
 
 def _join(uri: str, name: str) -> str:
@@ -571,6 +576,252 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# ---------------------------------------------------------------- dense (per-pixel) evaluation
+
+DENSE_BASELINES = ("pixels", "random")
+"""Baselines the dense probe can report beside the model: "pixels" (the probe on each patch's
+raw pixels, flattened) and "random" (the probe on a freshly initialised model of the same
+config, seed RANDOM_INIT_SEED)."""
+RANDOM_INIT_SEED = 0
+EXAMPLES = 4
+"""Test images shown in the dense figures."""
+_R_MISSING_MASK = "missing mask"
+
+
+def read_classes(source) -> list[str]:
+    """The class names of a dense-labelled source: `classes.txt` beside its shards (the folder
+    or prefix the source lists). One-line DataError naming the folder when it is missing or
+    unreadable."""
+    from maskclip.dense import CLASSES_FILE, MaskError, parse_classes
+
+    path = f"{source.root.rstrip('/')}/{CLASSES_FILE}"
+    try:
+        with source.filesystem.open_input_stream(path) as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            f"{source.field}: no {CLASSES_FILE} in {source.display(source.root)} (a dense-labelled "
+            f"folder names its classes there, line i = class i)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{source.field}: cannot read {source.display(path)}: {_first_line(e)}"
+        ) from None
+    try:
+        return parse_classes(text)
+    except MaskError as e:
+        raise DataError(f"{source.field}: {source.display(path)}: {e}") from None
+
+
+@dataclass
+class DenseSplit:
+    """The usable rows of a dense-labelled source, encoded: per-patch features by name
+    ("tokens": the model's final-layer patch tokens; baselines: "pixels", "random"), each
+    [N, gh, gw, D]; the masks [N, H, W] uint8 with the image transform's geometry; the first
+    EXAMPLES transformed images (for the figure); the class names; bad rows skipped by reason."""
+
+    classes: list[str]
+    features: dict[str, torch.Tensor]
+    masks: torch.Tensor
+    images: torch.Tensor
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def random_init_like(model, seed: int = RANDOM_INIT_SEED):
+    """A freshly initialised student of `model`'s config (the random-init baseline), built under
+    `seed` without touching the global RNG, on `model`'s device, in eval mode."""
+    from maskclip.towers import MaskCLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = MaskCLIP(model.cfg, pad_id=model.text.pad_id)
+    return fresh.to(_model_device(model)).eval()
+
+
+def encode_dense_source(
+    model,
+    source,
+    *,
+    columns: Columns,
+    max_rows: int | None,
+    batch_size: int,
+    device: torch.device,
+    baselines: tuple[str, ...] = (),
+    project: bool = False,
+    classes: list[str] | None = None,
+) -> DenseSplit:
+    """Encode the first `max_rows` usable rows of a dense-labelled `service.storage.Source`
+    (image + `mask` column, `classes.txt` beside the shards), in file order.
+
+    Each mask is decoded and checked against its image (maskclip.dense.decode_mask: the image's
+    size, indices below the class count or IGNORE); a mask that breaks the format stops the
+    evaluation with a one-line DataError naming the file and row (its `key` when the shards
+    have one). The image goes through `maskclip.transforms.eval_transform` and the mask through
+    the same call (torchvision resizes a Mask nearest-neighbour, with the same resize and
+    centre-crop geometry). Bad images are skipped and counted (service.rows), as are null masks.
+    `project`: also the tokens projected into the joint space ("projected", one trunk pass for
+    both); `baselines`: also the DENSE_BASELINES named.
+    """
+    from torchvision import tv_tensors
+
+    from maskclip.dense import MASK_COLUMN, MaskError, decode_mask
+    from maskclip.evaluate import patch_pixels
+    from maskclip.transforms import eval_transform
+
+    from .rows import R_TRANSFORM, STATUS_COLUMN, clean_row, not_downloaded
+
+    source.require([columns.image, MASK_COLUMN])
+    names = classes if classes is not None else read_classes(source)
+    transform = eval_transform(model.cfg.vision.image_size)
+    status = STATUS_COLUMN if STATUS_COLUMN in source.columns else None
+    key = "key" if "key" in source.columns else None
+    read = [columns.image, MASK_COLUMN] + [c for c in (status, key) if c]
+
+    def model_features(x):
+        t = model.encode_patches(x)
+        return {"tokens": t, "projected": model.project_patches(t)} if project else {"tokens": t}
+
+    encoders = {"model": model_features}
+    if "pixels" in baselines:
+        patch = model.cfg.vision.patch_size
+        encoders["pixels"] = lambda x: {"pixels": patch_pixels(x, patch)}
+    if "random" in baselines:
+        fresh = random_init_like(model).to(device)
+        encoders["random"] = lambda x: {"random": fresh.encode_patches(x)}
+    feats: dict[str, list[torch.Tensor]] = {}
+    masks: list[torch.Tensor] = []
+    examples: list[torch.Tensor] = []
+    skipped: dict[str, int] = {}
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        x = torch.stack(pending).to(device)
+        with torch.no_grad():
+            for enc in encoders.values():
+                for k, v in enc(x).items():
+                    feats.setdefault(k, []).append(v.float().cpu())
+        pending.clear()
+
+    n = 0
+    for path in source.paths:
+        row_in_file = 0
+        for rb in source.iter_file(path, read, batch_size):
+            cols = {c: rb.column(c).to_pylist() for c in read}
+            for i in range(rb.num_rows):
+                where = f"row {row_in_file}" + (f" (key {cols[key][i]!r})" if key else "")
+                row_in_file += 1
+                if status and not_downloaded(cols[status][i], cols[columns.image][i]):
+                    continue
+                row, why = clean_row(
+                    cols[columns.image][i],
+                    max_pixels=columns.max_image_pixels,
+                    max_caption_chars=None,
+                    need_caption=False,
+                )
+                if why is None and cols[MASK_COLUMN][i] is None:
+                    why = _R_MISSING_MASK
+                if why is not None:
+                    skipped[why] = skipped.get(why, 0) + 1
+                    continue
+                try:
+                    mask = decode_mask(cols[MASK_COLUMN][i], row.image.size, len(names))
+                except MaskError as e:
+                    raise DataError(
+                        f"{source.field}: {source.display(path)} {where}: {e}"
+                    ) from None
+                try:
+                    image, m = transform((row.image, tv_tensors.Mask(torch.tensor(mask))))
+                except Exception:  # noqa: BLE001 - as service.rows: a failed transform is a bad row
+                    skipped[R_TRANSFORM] = skipped.get(R_TRANSFORM, 0) + 1
+                    continue
+                image = image.as_subclass(torch.Tensor)
+                pending.append(image)
+                masks.append(m.as_subclass(torch.Tensor))
+                if len(examples) < EXAMPLES:
+                    examples.append(image)
+                n += 1
+                if len(pending) == batch_size:
+                    flush()
+                if n == max_rows:
+                    break
+            if n == max_rows:
+                break
+        if n == max_rows:
+            break
+    if pending:
+        flush()
+    if not masks:
+        bad = sum(skipped.values())
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no rows"
+        raise DataError(f"{source.field}: no usable rows in {source.uri} ({bad} skipped: {why})")
+    if skipped:
+        _warn(f"{source.field}: skipped {sum(skipped.values())} unusable row(s) in {source.uri}")
+    return DenseSplit(
+        names,
+        {k: torch.cat(v) for k, v in feats.items()},
+        torch.stack(masks),
+        torch.stack(examples),
+        skipped,
+    )
+
+
+def _split_or_test(uri, storage, endpoint_url: str | None):
+    """--zero-shot-seg DIR: DIR/test when DIR has a test/ folder (a dataset root), else DIR."""
+    from .storage import Source, split_uri
+
+    if isinstance(uri, Source):
+        return uri
+    try:
+        fs, path = split_uri(str(uri), storage, endpoint_url=endpoint_url, field="zero-shot seg")
+        if fs.get_file_info(path.rstrip("/") + "/test").type == pafs.FileType.Directory:
+            return _join(str(uri), "test")
+    except (UserError, OSError):
+        pass  # resolve_source says what is wrong with it
+    return uri
+
+
+def _segmentation_details(out: dict, classes: list[str]) -> dict:
+    """The JSON-able part of a dense result: per-class IoU (None where absent) and the
+    confusion matrix."""
+    return {
+        "iou": {c: (None if v != v else v) for c, v in zip(classes, out["iou"])},
+        "confusion_matrix": out["confusion_matrix"].tolist(),
+    }
+
+
+def _dense_probe(train: DenseSplit, test: DenseSplit, dev) -> dict:
+    """dense_probe on each feature kind of the two splits -> {kind: maskclip result}."""
+    from maskclip.evaluate import dense_probe
+
+    if train.classes != test.classes:
+        raise DataError(
+            f"dense-probe: train and test list different classes in their classes.txt "
+            f"({len(train.classes)}: {', '.join(train.classes[:5])}... vs "
+            f"{len(test.classes)}: {', '.join(test.classes[:5])}...)"
+        )
+    return {
+        kind: dense_probe(
+            train.features[kind],
+            train.masks,
+            test.features[kind],
+            test.masks,
+            len(train.classes),
+            keep=EXAMPLES,
+        )
+        for kind in ("tokens", *DENSE_BASELINES)
+        if kind in train.features
+    }
+
+
+def _zero_shot_seg(model, tok, split: DenseSplit, templates: list[str], device) -> dict:
+    from maskclip.evaluate import zero_shot_classifier, zero_shot_segmentation
+
+    clf = zero_shot_classifier(
+        lambda t: model.encode_text(t).float().cpu(), tok, split.classes, templates, device
+    )
+    return zero_shot_segmentation(split.features["projected"], clf, split.masks, keep=EXAMPLES)
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -578,6 +829,9 @@ def evaluate_model(
     zero_shot=None,
     retrieval=None,
     linear_probe: str | None = None,
+    dense_probe=None,
+    zero_shot_seg=None,
+    dense_baselines: tuple[str, ...] | list[str] = (),
     templates: str | list[str] = "default",
     max_rows: int | None = MAX_ROWS,
     probe_rows: int | None = None,
@@ -597,11 +851,29 @@ def evaluate_model(
     a logistic regression on train features (train capped at `probe_rows`, default `max_rows`).
     `max_rows` caps every split (default MAX_ROWS; None: all rows). The model is evaluated in
     eval mode, on `device` (default: where it is), and put back in the mode it was in.
+
+    dense_probe: a dense-labelled root (maskclip.dense: `mask` column, classes.txt beside the
+    shards) with train/ and test/: `maskclip.evaluate.dense_probe` on the final-layer patch
+    tokens (train capped like the linear probe) -> dense_probe_miou, dense_probe_pixel_accuracy.
+    dense_baselines ("pixels", "random"): the same probe on patch pixels / on a random-init model
+    of the same config -> dense_probe_pixels_miou, ..., dense_probe_random_pixel_accuracy.
+    zero_shot_seg: a dense-labelled split folder, or a root whose test/ is used: patch tokens
+    projected into the joint space matched to the class prompts (`templates`) ->
+    zero_shot_seg_miou, zero_shot_seg_pixel_accuracy.
     """
-    if not (zero_shot or retrieval or linear_probe):
-        raise UserError("nothing to evaluate: give zero_shot, retrieval and/or linear_probe data")
+    if not (zero_shot or retrieval or linear_probe or dense_probe or zero_shot_seg):
+        raise UserError(
+            "nothing to evaluate: give zero_shot, retrieval, linear_probe, dense_probe "
+            "and/or zero_shot_seg data"
+        )
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise UserError("batch_size and max_rows must be positive")
+    baselines = tuple(dict.fromkeys(dense_baselines))
+    unknown = [b for b in baselines if b not in DENSE_BASELINES]
+    if unknown:
+        raise UserError(f"dense baseline {unknown[0]!r}: choose from {', '.join(DENSE_BASELINES)}")
+    if baselines and not dense_probe:
+        raise UserError("dense baselines are dense-probe numbers: give dense_probe data too")
     from maskclip.templates import templates as template_list
 
     try:
@@ -666,29 +938,136 @@ def evaluate_model(
             out.metrics["linear_probe_top1"] = _linear_probe(train, test)
             out.rows["linear_probe_train"] = len(train.labels)
             out.rows["linear_probe_test"] = len(test.labels)
+        if dense_probe or zero_shot_seg:
+            _evaluate_dense(
+                out,
+                model,
+                tokenizer,
+                dense_probe,
+                zero_shot_seg,
+                baselines,
+                prompts,
+                src,
+                columns=columns,
+                max_rows=max_rows,
+                probe_rows=probe_rows,
+                batch_size=batch_size,
+                device=dev,
+                storage=storage,
+                endpoint_url=endpoint_url,
+            )
     finally:
         model.train(was_training)
     return out
 
 
+def _evaluate_dense(
+    out: Evaluation,
+    model,
+    tokenizer,
+    dense_probe,
+    zero_shot_seg,
+    baselines: tuple[str, ...],
+    prompts: list[str],
+    src,
+    *,
+    columns: Columns,
+    max_rows: int | None,
+    probe_rows: int | None,
+    batch_size: int,
+    device: torch.device,
+    storage=None,
+    endpoint_url: str | None = None,
+) -> None:
+    """The dense part of `evaluate_model`: fills out.metrics / rows / skipped / dense /
+    examples. The test split is encoded once when the zero-shot seg folder is the probe's."""
+
+    def encode(source, cap, **kw) -> DenseSplit:
+        split = encode_dense_source(
+            model, source, columns=columns, max_rows=cap, batch_size=batch_size, device=device, **kw
+        )
+        if split.skipped:
+            out.skipped[source.field] = split.skipped
+        return split
+
+    seg_uri = _split_or_test(zero_shot_seg, storage, endpoint_url) if zero_shot_seg else None
+    probe_test = _join(dense_probe, "test") if isinstance(dense_probe, str) else None
+    shared = seg_uri is not None and isinstance(seg_uri, str) and probe_test is not None
+    shared = shared and seg_uri.rstrip("/") == probe_test.rstrip("/")
+    details: dict[str, Any] = {}
+    examples: dict[str, dict] = {}
+
+    def example(key: str, title: str, split: DenseSplit, task: str, pred) -> None:
+        ex = examples.setdefault(
+            key,
+            {
+                "title": title,
+                "images": split.images,
+                "target": split.masks[: len(split.images)],
+                "preds": {},
+                "classes": split.classes,
+            },
+        )
+        ex["preds"][task] = pred
+
+    if dense_probe:
+        train_src = src(_join(dense_probe, "train"), "dense-probe train")
+        test_src = src(probe_test or _join(dense_probe, "test"), "dense-probe test")
+        train = encode(train_src, probe_rows or max_rows, baselines=baselines)
+        test = encode(test_src, max_rows, baselines=baselines, project=shared)
+        results = _dense_probe(train, test, device)
+        for kind, r in results.items():
+            name = "dense_probe" if kind == "tokens" else f"dense_probe_{kind}"
+            out.metrics[f"{name}_miou"] = r["miou"]
+            out.metrics[f"{name}_pixel_accuracy"] = r["pixel_accuracy"]
+            details[name] = _segmentation_details(r, test.classes)
+            example("dense_probe", test_src.uri, test, name.replace("_", " "), r["pred"])
+        details["dense_probe"]["train_patches"] = results["tokens"]["train_patches"]
+        details["classes"] = test.classes
+        out.rows["dense_probe_train"] = len(train.masks)
+        out.rows["dense_probe_test"] = len(test.masks)
+    if zero_shot_seg:
+        if shared:
+            seg, key = test, "dense_probe"
+        else:
+            seg_src = src(seg_uri, "zero-shot seg")
+            seg, key = encode(seg_src, max_rows, project=True), "zero_shot_seg"
+        r = _zero_shot_seg(model, tokenizer, seg, prompts, device)
+        out.metrics["zero_shot_seg_miou"] = r["miou"]
+        out.metrics["zero_shot_seg_pixel_accuracy"] = r["pixel_accuracy"]
+        details["zero_shot_seg"] = _segmentation_details(r, seg.classes)
+        details.setdefault("classes", seg.classes)
+        if details["classes"] != seg.classes:
+            details["zero_shot_seg"]["classes"] = seg.classes
+        example(key, (test_src if shared else seg_src).uri, seg, "zero-shot seg", r["pred"])
+        out.rows["zero_shot_seg"] = len(seg.masks)
+    out.dense = details
+    out.examples = list(examples.values())
+
+
 def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
     """In-loop validation on `data.val` (read with pyarrow, not Ray Data): zero-shot when it has
-    the label column, and retrieval, with the spec's templates and columns. The same call as
-    `maskclip eval CKPT --zero-shot VAL --retrieval VAL` on the saved model. Metrics are prefixed
-    `val_` and named as in MLflow and sweep.metric (`val_image_to_text_R1`); {} without data.val.
+    the label column, and retrieval, with the spec's templates and columns; plus the dense probe
+    on `data.dense_probe` and zero-shot segmentation on `data.zero_shot_seg` when set. The same
+    call as `maskclip eval CKPT --zero-shot VAL --retrieval VAL [--dense-probe DIR]
+    [--zero-shot-seg DIR]` on the saved model. Metrics are prefixed `val_` and named as in MLflow
+    and sweep.metric (`val_image_to_text_R1`, `val_dense_probe_miou`); {} without any data.
     """
-    if spec.data.val is None:
+    d = spec.data
+    if d.val is None and not (d.dense_probe or d.zero_shot_seg):
         return {}
-    source = _source(spec.data.val, "data.val", spec.storage, None)
-    has_labels = spec.data.label_column in source.columns
+    source = _source(d.val, "data.val", spec.storage, None) if d.val is not None else None
+    has_labels = source is not None and d.label_column in source.columns
     result = evaluate_model(
         model,
         tokenizer,
         zero_shot=source if has_labels else None,
         retrieval=source,
-        templates=spec.data.templates,
+        dense_probe=d.dense_probe,
+        zero_shot_seg=d.zero_shot_seg,
+        templates=d.templates,
         device=device,
-        columns=Columns.of(spec.data),
+        columns=Columns.of(d),
         storage=spec.storage,
     )
     return {f"val_{k}": v for k, v in result.metrics.items()}  # one name in spec, Tune, MLflow
@@ -736,6 +1115,9 @@ def evaluate(
     batch_size: int = BATCH_SIZE,
     max_rows: int | None = MAX_ROWS,
     *,
+    dense_probe: str | None = None,
+    zero_shot_seg: str | None = None,
+    dense_baselines: tuple[str, ...] | list[str] = (),
     probe_rows: int | None = None,
     endpoint_url: str | None = None,
     tracking_uri: str | None = None,
@@ -748,10 +1130,16 @@ def evaluate(
 
     Columns, row limits and (unless `templates` is given: a set name, a file or a list) the
     prompt templates come from the checkpoint's own spec (`data.*`), as in its in-loop
-    validation; without one, the defaults. `label_column` overrides the spec's.
+    validation; without one, the defaults. `label_column` overrides the spec's. The dense
+    evaluations (dense_probe, zero_shot_seg, dense_baselines: see `evaluate_model`) add a
+    "dense" entry (class names, per-class IoU, confusion matrices) and, in MLflow, a figure of a
+    few test images with their ground truth and each prediction.
     """
-    if not (zero_shot or retrieval or linear_probe):
-        raise UserError("nothing to evaluate: give zero_shot, retrieval and/or linear_probe data")
+    if not (zero_shot or retrieval or linear_probe or dense_probe or zero_shot_seg):
+        raise UserError(
+            "nothing to evaluate: give zero_shot, retrieval, linear_probe, dense_probe "
+            "and/or zero_shot_seg data"
+        )
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise UserError("batch_size and max_rows must be positive")
     from .terminal import phase
@@ -774,6 +1162,9 @@ def evaluate(
         zero_shot=zero_shot,
         retrieval=retrieval,
         linear_probe=linear_probe,
+        dense_probe=dense_probe,
+        zero_shot_seg=zero_shot_seg,
+        dense_baselines=tuple(dense_baselines),
         templates=prompts,
         max_rows=max_rows,
         probe_rows=probe_rows,
@@ -791,16 +1182,24 @@ def evaluate(
             "mlflow_run_id": loaded.mlflow_run_id,
             "run_name": loaded.spec.run.name if loaded.spec else None,
         },
-        "data": {"zero_shot": zero_shot, "retrieval": retrieval, "linear_probe": linear_probe},
+        "data": {
+            "zero_shot": zero_shot,
+            "retrieval": retrieval,
+            "linear_probe": linear_probe,
+            "dense_probe": dense_probe,
+            "zero_shot_seg": zero_shot_seg,
+        },
         "metrics": ev.metrics,
         "rows": ev.rows,
         "skipped": ev.skipped,
     }
     if ev.zero_shot is not None:
         result["zero_shot"] = ev.zero_shot
+    if ev.dense is not None:
+        result["dense"] = {**ev.dense, "baselines": list(dict.fromkeys(dense_baselines))}
     result["mlflow"] = {"uri": None, "run_id": None, "logged": False}
     if log_mlflow:
-        result["mlflow"] = log_results(result, resolved, loaded, tracking_uri)
+        result["mlflow"] = log_results(result, resolved, loaded, tracking_uri, ev.examples)
     return result
 
 
@@ -821,8 +1220,15 @@ def eval_tracking_uri(explicit: str | None, spec) -> str | None:
     return default_tracking_uri(None)
 
 
-def log_results(result: dict, resolved: Resolved, loaded: Loaded, tracking_uri: str | None) -> dict:
-    """Log metrics (prefixed eval_), the confusion figure and the result JSON; never raises."""
+def log_results(
+    result: dict,
+    resolved: Resolved,
+    loaded: Loaded,
+    tracking_uri: str | None,
+    examples: list[dict] | None = None,
+) -> dict:
+    """Log metrics (prefixed eval_), the confusion figure, the dense figures (`examples`, from
+    `Evaluation.examples`: eval/segmentation_<i>.png) and the result JSON; never raises."""
     from .tracking import _client, metric_name
 
     uri = resolved.tracking_uri if resolved.tracking_uri and not tracking_uri else None
@@ -879,6 +1285,14 @@ def log_results(result: dict, resolved: Resolved, loaded: Loaded, tracking_uri: 
                 from .figures import confusion_figure
 
                 confusion_figure(zs["class_names"], zs["confusion_matrix"], fig)
+                client.log_artifact(run_id, fig, "eval")
+            for i, ex in enumerate(examples or []):
+                from .figures import segmentation_figure
+
+                fig = os.path.join(d, f"segmentation_{i}.png")
+                segmentation_figure(
+                    ex["images"], ex["target"], ex["preds"], ex["classes"], fig, ex["title"]
+                )
                 client.log_artifact(run_id, fig, "eval")
         if new_run:
             client.set_terminated(run_id)

@@ -190,6 +190,14 @@ class DataSection(Section):
     """Parquet shards: a folder, a glob, a file, or an s3:// URI (prefix or glob)."""
     val: str | None = None
     """Optional validation shards (with a label column: zero-shot + retrieval)."""
+    dense_probe: str | None = None
+    """Optional dense-labelled root (`mask` column, classes.txt beside the shards) with train/
+    and test/: validation adds the linear probe on patch tokens (val_dense_probe_miou,
+    val_dense_probe_pixel_accuracy), as `maskclip eval --dense-probe`."""
+    zero_shot_seg: str | None = None
+    """Optional dense-labelled split folder (or a root whose test/ is used): validation adds
+    zero-shot segmentation with the class prompts (val_zero_shot_seg_miou, ..._pixel_accuracy),
+    as `maskclip eval --zero-shot-seg`."""
     image_column: str = "jpg"
     """Column of encoded image bytes (JPEG, PNG, WebP, ...)."""
     caption_column: str = "caption"

@@ -44,6 +44,11 @@ VAL_METRICS = (
     "val_text_to_image_R1",
     "val_text_to_image_R5",
     "val_text_to_image_R10",
+    # dense evaluation (service.evaluation): need data.dense_probe / data.zero_shot_seg too
+    "val_dense_probe_miou",
+    "val_dense_probe_pixel_accuracy",
+    "val_zero_shot_seg_miou",
+    "val_zero_shot_seg_pixel_accuracy",
 )
 #: Room for "-<trial id>" ("-a1b2c_00000") in the 63-character run name.
 TRIAL_SUFFIX_LEN = 12
@@ -235,6 +240,10 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
         )
     elif metric.startswith("val_") and spec.data.val is None:
         problems.append(f"sweep.metric: {metric} needs validation data; set data.val")
+    elif metric.startswith("val_dense_probe_") and spec.data.dense_probe is None:
+        problems.append(f"sweep.metric: {metric} needs dense data; set data.dense_probe")
+    elif metric.startswith("val_zero_shot_seg_") and spec.data.zero_shot_seg is None:
+        problems.append(f"sweep.metric: {metric} needs dense data; set data.zero_shot_seg")
     if sweep.scheduler == "asha":
         max_t = sweep.asha.max_t or spec.optim.max_steps
         grace = sweep.asha.grace_period or spec.checkpoint.every_steps

@@ -3,6 +3,8 @@
 maskclip eval runs/checkpoints/quickstart --zero-shot data/shapes/val --retrieval data/shapes/val
 maskclip eval runs:/<mlflow run id> --zero-shot data/fmnist/test --linear-probe data/fmnist
 maskclip eval s3://bucket/ckpts/myrun --zero-shot s3://bucket/data/val --no-mlflow
+maskclip eval runs/checkpoints/scenes --dense-probe data/scenes --zero-shot-seg data/scenes \
+    --dense-baseline pixels --dense-baseline random
 """
 
 from __future__ import annotations
@@ -19,7 +21,28 @@ _LABELS = {
     "zero_shot_top1": ("zero-shot top-1", "zero_shot"),
     "zero_shot_top5": ("zero-shot top-5", "zero_shot"),
     "linear_probe_top1": ("linear-probe top-1", "linear_probe_test"),
+    "dense_probe_miou": ("dense-probe mIoU", "dense_probe_test"),
+    "dense_probe_pixel_accuracy": ("dense-probe pixel acc", "dense_probe_test"),
+    "dense_probe_pixels_miou": ("  pixels baseline mIoU", "dense_probe_test"),
+    "dense_probe_pixels_pixel_accuracy": ("  pixels baseline acc", "dense_probe_test"),
+    "dense_probe_random_miou": ("  random-init mIoU", "dense_probe_test"),
+    "dense_probe_random_pixel_accuracy": ("  random-init acc", "dense_probe_test"),
+    "zero_shot_seg_miou": ("zero-shot seg mIoU", "zero_shot_seg"),
+    "zero_shot_seg_pixel_accuracy": ("zero-shot seg pixel acc", "zero_shot_seg"),
 }
+# the closing lines, in this order: "<label>: <value to 3 decimals>"
+_SUMMARY = (
+    ("zero_shot_top1", "zero-shot top-1"),
+    ("linear_probe_top1", "linear-probe top-1"),
+    ("dense_probe_miou", "dense-probe mIoU"),
+    ("dense_probe_pixel_accuracy", "dense-probe pixel accuracy"),
+    ("dense_probe_pixels_miou", "dense-probe mIoU, raw-pixel baseline"),
+    ("dense_probe_pixels_pixel_accuracy", "dense-probe pixel accuracy, raw-pixel baseline"),
+    ("dense_probe_random_miou", "dense-probe mIoU, random-init baseline"),
+    ("dense_probe_random_pixel_accuracy", "dense-probe pixel accuracy, random-init baseline"),
+    ("zero_shot_seg_miou", "zero-shot seg mIoU"),
+    ("zero_shot_seg_pixel_accuracy", "zero-shot seg pixel accuracy"),
+)
 
 
 def _label(name: str) -> tuple[str, str]:
@@ -36,11 +59,11 @@ def format_result(result: dict) -> str:
     ck = result["checkpoint"]
     step = "" if ck["step"] is None else f" step {ck['step']}"
     lines = [f"evaluated {ck['ref']} ({ck['kind']}{step}: {ck['path']})", ""]
-    lines.append(f"  {'metric':<22} {'value':>7} {'rows':>7}")
+    lines.append(f"  {'metric':<23} {'value':>7} {'rows':>7}")
     for name, value in result["metrics"].items():
         label, rows_key = _label(name)
         rows = result["rows"].get(rows_key, "")
-        lines.append(f"  {label:<22} {value:>7.3f} {rows!s:>7}")
+        lines.append(f"  {label:<23} {value:>7.3f} {rows!s:>7}")
     for where, reasons in (result.get("skipped") or {}).items():
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
         lines.append(f"  {where}: skipped {sum(reasons.values())} bad row(s) ({counts})")
@@ -51,12 +74,19 @@ def format_result(result: dict) -> str:
         lines.append("  " + " " * 13 + " ".join(f"{i:>5}" for i in range(len(names))))
         for i, (n, row) in enumerate(zip(names, zs["confusion_matrix"])):
             lines.append(f"  {i:>2} {n:<10}" + " ".join(f"{c:>5}" for c in row))
+    dense = result.get("dense") or {}
+    for task, title in (("dense_probe", "dense-probe"), ("zero_shot_seg", "zero-shot seg")):
+        iou = (dense.get(task) or {}).get("iou")
+        if iou and len(iou) <= 20:
+            shown = "  ".join(
+                f"{c[:12]} {'-' if v is None else f'{v:.2f}'}" for c, v in iou.items()
+            )
+            lines.append(f"  {title} IoU per class: {shown}")
     lines.append("")
     m = result["metrics"]
-    if "zero_shot_top1" in m:
-        lines.append(f"zero-shot top-1: {m['zero_shot_top1']:.3f}")
-    if "linear_probe_top1" in m:
-        lines.append(f"linear-probe top-1: {m['linear_probe_top1']:.3f}")
+    for name, label in _SUMMARY:
+        if name in m:
+            lines.append(f"{label}: {m[name]:.3f}")
     ml = result.get("mlflow") or {}
     if ml.get("logged"):
         lines.append(f"mlflow run: {ml['run_id']} ({ml['uri']})")
@@ -66,8 +96,19 @@ def format_result(result: dict) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate
 
-    if not (args.zero_shot or args.retrieval or args.linear_probe):
-        raise UserError("give at least one of --zero-shot, --retrieval, --linear-probe")
+    if not (
+        args.zero_shot
+        or args.retrieval
+        or args.linear_probe
+        or args.dense_probe
+        or args.zero_shot_seg
+    ):
+        raise UserError(
+            "give at least one of --zero-shot, --retrieval, --linear-probe, --dense-probe, "
+            "--zero-shot-seg"
+        )
+    if args.dense_baseline and not args.dense_probe:
+        raise UserError("--dense-baseline needs --dense-probe (the baselines are probe numbers)")
     from .. import terminal
 
     if args.json == "-":
@@ -79,6 +120,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ("zero-shot", args.zero_shot),
             ("retrieval", args.retrieval),
             ("linear probe", args.linear_probe),
+            ("dense probe", args.dense_probe),
+            ("zero-shot seg", args.zero_shot_seg),
         )
         if where
     ]
@@ -88,6 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         zero_shot=args.zero_shot,
         retrieval=args.retrieval,
         linear_probe=args.linear_probe,
+        dense_probe=args.dense_probe,
+        zero_shot_seg=args.zero_shot_seg,
+        dense_baselines=tuple(args.dense_baseline or ()),
         templates=args.templates,
         batch_size=args.batch_size,
         probe_rows=args.probe_rows,
@@ -121,7 +167,7 @@ def _positive(text: str) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a checkpoint: zero-shot, retrieval, linear probe",
+        help="evaluate a checkpoint: zero-shot, retrieval, linear probe, dense probe, zero-shot seg",
         description="RUN_OR_CHECKPOINT: a checkpoint folder, a run folder (newest checkpoint), "
         "s3://..., runs:/<mlflow run id> or a bare MLflow run id, or a model/ artifact folder.",
     )
@@ -134,6 +180,25 @@ def register(subparsers) -> None:
     p.add_argument("--zero-shot", metavar="DATA", help="labelled Parquet data (label column)")
     p.add_argument("--retrieval", metavar="DATA", help="Parquet image-caption pairs")
     p.add_argument("--linear-probe", metavar="ROOT", help="a dataset root with train/ and test/")
+    p.add_argument(
+        "--dense-probe",
+        metavar="ROOT",
+        help="a dense-labelled root (mask column, classes.txt beside the shards) with train/ and "
+        "test/: linear probe on the final-layer patch tokens, per-pixel mIoU / pixel accuracy",
+    )
+    p.add_argument(
+        "--zero-shot-seg",
+        metavar="DATA",
+        help="dense-labelled data (a split folder, or a root whose test/ is used): patch tokens "
+        "in the joint space matched to the class prompts, per-pixel mIoU / pixel accuracy",
+    )
+    p.add_argument(
+        "--dense-baseline",
+        action="append",
+        choices=("pixels", "random"),
+        help="also run the dense probe on each patch's raw pixels (pixels) or on a random-init "
+        "model of the checkpoint's config (random); repeatable",
+    )
     p.add_argument(
         "--templates",
         metavar="FILE|SET",

@@ -213,6 +213,7 @@ def test_mlflow_logs_into_evaluated_run_and_survives_down_server(
     import mlflow
 
     from service.tracking import start_run
+    from tests.service.data_fixtures import make_dense_dataset
 
     # a file store: no sqlite migrations (slow), artifacts stay inside tmp_path
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -222,12 +223,28 @@ def test_mlflow_logs_into_evaluated_run_and_survives_down_server(
     assert run_id
     d = tmp_path / "ck"
     _save(d, world["spec"], world["tok"], step=5, run_id=run_id)
-    r = evaluate(str(d), zero_shot=world["test"], tracking_uri=uri)
+    dense = make_dense_dataset(tmp_path, rows=8, test_rows=4)
+    r = evaluate(
+        str(d),
+        zero_shot=world["test"],
+        dense_probe=str(dense),
+        zero_shot_seg=str(dense),
+        tracking_uri=uri,
+    )
     assert r["mlflow"] == {"uri": uri, "run_id": run_id, "logged": True}
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval_zero_shot_top1"] == pytest.approx(r["metrics"]["zero_shot_top1"])
-    arts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    for name in ("dense_probe_miou", "dense_probe_pixel_accuracy", "zero_shot_seg_miou"):
+        assert metrics[f"eval_{name}"] == pytest.approx(r["metrics"][name])
+    arts = {a.path: a for a in client.list_artifacts(run_id, "eval")}
     assert "eval/zero_shot_confusion.png" in arts
+    # one dense figure: the probe's and zero-shot seg's test split is the same (dense/test)
+    assert "eval/segmentation_0.png" in arts and "eval/segmentation_1.png" not in arts
+    png = Path(client.download_artifacts(run_id, "eval/segmentation_0.png", str(tmp_path)))
+    from PIL import Image
+
+    with Image.open(png) as im:  # 4 rows (images) x 4 columns (image, truth, 2 predictions)
+        assert im.size[0] > 500 and im.size[1] > 600, im.size
 
     # a checkpoint without a run id gets a new eval run, tagged with its source
     r2 = evaluate(world["ckpt"], zero_shot=world["test"], tracking_uri=uri)
@@ -322,16 +339,25 @@ def test_rows_rules_and_caption_grouping(world, val_with_bad_rows):
     assert capped.rows == {"retrieval": 12}
 
 
-def test_in_loop_validate_equals_maskclip_eval(world, val_with_bad_rows, tmp_path, capsys):
+def test_in_loop_validate_equals_maskclip_eval(
+    world, val_with_bad_rows, dense_root, tmp_path, capsys
+):
     """`validate` (in-loop, on the live student) and `maskclip eval` on the checkpoint saved
-    from it give identical numbers: same rows, templates (the spec's), caption grouping, cap."""
+    from it give identical numbers: same rows, templates (the spec's), caption grouping, cap,
+    and the dense probe / zero-shot segmentation of data.dense_probe / data.zero_shot_seg."""
     from service.evaluation import validate
     from service.sweep_spec import VAL_METRICS
 
+    dense = str(dense_root)
     spec = world["spec"].model_copy(
         update={
             "data": world["spec"].data.model_copy(
-                update={"val": val_with_bad_rows, "templates": ["a {} drawn", "one {}"]}
+                update={
+                    "val": val_with_bad_rows,
+                    "templates": ["a {} drawn", "one {}"],
+                    "dense_probe": dense,
+                    "zero_shot_seg": dense,
+                }
             )
         }
     )
@@ -343,11 +369,27 @@ def test_in_loop_validate_equals_maskclip_eval(world, val_with_bad_rows, tmp_pat
     d = tmp_path / "final"
     ckpt.save(d, task, None, None, 4, 0, tok.to_json(), spec.to_yaml(), None)
     offline = evaluate(
-        str(d), zero_shot=val_with_bad_rows, retrieval=val_with_bad_rows, log_mlflow=False
+        str(d),
+        zero_shot=val_with_bad_rows,
+        retrieval=val_with_bad_rows,
+        dense_probe=dense,
+        zero_shot_seg=dense,
+        log_mlflow=False,
     )
     assert offline["zero_shot"]["templates"] == ["a {} drawn", "one {}"]
     named = {f"val_{k}": v for k, v in offline["metrics"].items()}
     assert named == in_loop  # exactly, under the names MLflow and sweep.metric use
+    assert in_loop["val_dense_probe_miou"] > 0  # really measured (a fit, not an empty set)
+    # the dense part alone: validate needs no data.val for it, and the numbers do not move
+    dense_only = spec.model_copy(update={"data": spec.data.model_copy(update={"val": None})})
+    alone = validate(dense_only, task.student, tok, torch.device("cpu"))
+    assert alone == {k: v for k, v in in_loop.items() if "dense" in k or "seg" in k}
+    assert set(alone) == {
+        "val_dense_probe_miou",
+        "val_dense_probe_pixel_accuracy",
+        "val_zero_shot_seg_miou",
+        "val_zero_shot_seg_pixel_accuracy",
+    }
     # --templates overrides the spec's
     other = evaluate(str(d), zero_shot=val_with_bad_rows, templates="default", log_mlflow=False)
     assert other["zero_shot"]["templates"] == templates("default")
@@ -447,3 +489,220 @@ def test_demo_zero_shot_clearly_above_chance(ray_local, tmp_path):
     assert spec.data.label_column == "colour" and spec.data.templates == "shapes"
     metrics = run_job(spec).metrics
     assert metrics["val_zero_shot_top1"] > 3 / 8, metrics
+
+
+# ---------------------------------------------------------------- dense evaluation
+
+
+@pytest.fixture(scope="module")
+def dense_root(world):
+    """Multi-object shape scenes with masks (maskclip.dense format): train/ 16 rows, test/ 8."""
+    from tests.service.data_fixtures import make_dense_dataset
+
+    return make_dense_dataset(world["tmp"], rows=16, test_rows=8)
+
+
+_DENSE_LINES = {
+    "dense_probe_miou": "dense-probe mIoU",
+    "dense_probe_pixel_accuracy": "dense-probe pixel accuracy",
+    "dense_probe_pixels_miou": "dense-probe mIoU, raw-pixel baseline",
+    "dense_probe_random_miou": "dense-probe mIoU, random-init baseline",
+    "zero_shot_seg_miou": "zero-shot seg mIoU",
+    "zero_shot_seg_pixel_accuracy": "zero-shot seg pixel accuracy",
+}
+
+
+def test_cli_dense_probe_and_zero_shot_seg(world, dense_root, tmp_path, capsys):
+    """`maskclip eval CKPT --dense-probe DIR --zero-shot-seg DIR` prints one line per dense
+    metric, the same numbers as its --json; zero-shot seg on a root reads its test/ split."""
+    from service.evaluation import evaluate_model
+
+    out_json = tmp_path / "r.json"
+    args = ["eval", world["ckpt"], "--dense-probe", str(dense_root)]
+    args += ["--zero-shot-seg", str(dense_root), "--no-mlflow", "--json", str(out_json)]
+    rc = main([*args, "--dense-baseline", "pixels", "--dense-baseline", "random"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(out_json.read_text())
+    m = r["metrics"]
+    for key, label in _DENSE_LINES.items():
+        found = re.findall(rf"^{re.escape(label)}: (\d\.\d{{3}})$", out, re.M)
+        assert found == [f"{m[key]:.3f}"], (label, out)
+        assert 0.0 <= m[key] <= 1.0
+    assert r["rows"] == {"dense_probe_train": 16, "dense_probe_test": 8, "zero_shot_seg": 8}
+    dense = r["dense"]
+    assert dense["classes"][0] == "background" and len(dense["classes"]) == 9
+    assert dense["dense_probe"]["train_patches"] == 16 * 16  # 4x4 patches, every one labelled
+    assert set(dense["dense_probe"]["iou"]) == set(dense["classes"])
+    cm = dense["zero_shot_seg"]["confusion_matrix"]
+    assert 0 < sum(map(sum, cm)) <= 8 * 32 * 32  # labelled pixels of the 8 test images
+    # the checkpoint is an untrained student built under seed 0: the random-init baseline (the
+    # same config, seed 0) is that very model, while raw pixels are another probe
+    assert m["dense_probe_random_miou"] == m["dense_probe_miou"]
+    assert m["dense_probe_pixels_miou"] != m["dense_probe_miou"]
+    # the split folder itself gives what the root (its test/) gave
+    split = evaluate_model(
+        world["task"].student,
+        world["tok"],
+        zero_shot_seg=str(dense_root / "test"),
+        templates=world["spec"].data.templates,
+    )
+    assert split.metrics["zero_shot_seg_miou"] == m["zero_shot_seg_miou"]
+    # a baseline without the probe is refused in one line
+    assert (
+        main(
+            ["eval", world["ckpt"], "--zero-shot-seg", str(dense_root)]
+            + ["--dense-baseline", "pixels", "--no-mlflow"]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        "error: --dense-baseline needs --dense-probe (the baselines are probe numbers)"
+    )
+
+
+def _bad_dense(tmp: Path, case: str) -> tuple[Path, str]:
+    """A dense root whose train/ breaks the format in one way -> (root, the error's tail)."""
+    import numpy as np
+
+    from maskclip.dense import encode_mask
+    from maskclip.synthetic import generate_scenes, scene_classes
+    from tests.service.data_fixtures import write_dense_split, write_parquet_shards
+
+    rows = generate_scenes(4, 32, seed=3)
+    root = tmp / case
+    classes = scene_classes()
+    write_dense_split(root / "test", rows, classes)
+    train = root / "train"
+    if case == "no-classes":
+        write_dense_split(train, rows, None)
+        return root, (
+            f"no classes.txt in {train} (a dense-labelled folder names its classes there, "
+            "line i = class i)"
+        )
+    if case == "no-mask-column":
+        write_parquet_shards(iter(rows), str(train), 10)  # key, jpg, caption, label only
+        return root, (
+            f"column 'mask' not found in {train / 'shard-00000.parquet'} "
+            "(columns: key, jpg, caption, label)"
+        )
+    bad = [dict(r) for r in rows]
+    if case == "wrong-size":
+        bad[2]["mask"] = encode_mask(np.zeros((16, 24), np.uint8))
+        tail = "row 2 (key '000000002'): mask is 24x16 but its image is 32x32"
+    else:  # class index past the list (9 classes: 0..8)
+        m = np.zeros((32, 32), np.uint8)
+        m[5, 7] = 9
+        bad[1]["mask"] = encode_mask(m)
+        tail = (
+            "row 1 (key '000000001'): mask has class index 9 but classes.txt lists 9 classes "
+            "(0..8, 255 = ignore)"
+        )
+    write_dense_split(train, bad, classes)
+    return root, f"{train / 'part-00000.parquet'} {tail}"
+
+
+@pytest.mark.parametrize("case", ["no-classes", "wrong-size", "class-index", "no-mask-column"])
+def test_cli_dense_format_errors_exit_2(world, tmp_path, capsys, case):
+    root, tail = _bad_dense(tmp_path, case)
+    rc = main(["eval", world["ckpt"], "--dense-probe", str(root), "--no-mlflow"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err == f"error: dense-probe train: {tail}"
+
+
+def test_dense_masks_get_the_image_geometry(world, tmp_path):
+    """A 64x48 image whose colour is its class: after the eval transform (shorter side to 32,
+    centre crop) every mask pixel still sits on its class's colour (the mask took the same
+    resize and crop, nearest); IGNORE pixels stay IGNORE and are never a class."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from maskclip.dense import IGNORE, encode_mask
+    from service.evaluation import Columns, encode_dense_source
+    from service.storage import resolve_source
+    from tests.service.data_fixtures import write_dense_split
+
+    mask = np.zeros((48, 64), np.uint8)
+    mask[:, 20:40] = 1
+    mask[30:, :] = 2
+    mask[:4, :] = IGNORE
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    img = palette[np.minimum(mask, 2)]
+    img[mask == IGNORE] = 128
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    rec = {"key": "a", "jpg": buf.getvalue(), "caption": "x", "mask": encode_mask(mask)}
+    write_dense_split(tmp_path / "g", [rec], ["red", "green", "blue"])
+    split = encode_dense_source(
+        world["task"].student,
+        resolve_source(str(tmp_path / "g"), field="g"),
+        columns=Columns(),
+        max_rows=None,
+        batch_size=4,
+        device=torch.device("cpu"),
+        baselines=("pixels",),
+    )
+    m = split.masks[0]
+    assert m.shape == (32, 32) and set(m.unique().tolist()) == {0, 1, 2, IGNORE}
+    assert split.features["tokens"].shape == (1, 4, 4, 64)
+    assert split.features["pixels"].shape == (1, 4, 4, 3 * 8 * 8)
+    from maskclip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    rgb = split.images[0] * torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1) + mean
+    colour = rgb.argmax(dim=0)  # 0 red, 1 green, 2 blue (bicubic blurs edges: inner pixels)
+    labelled = m != IGNORE
+    inner = labelled.clone()
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        inner &= torch.roll(m, (dy, dx), (0, 1)) == m
+    inner[[0, -1], :] = False
+    inner[:, [0, -1]] = False
+    assert inner.sum() > 500
+    assert torch.equal(colour[inner], m[inner].long())
+    assert (rgb[:, m == IGNORE].mean(dim=0) - 128 / 255).abs().max() < 0.15  # grey under IGNORE
+
+
+def test_dense_from_s3_equals_local(world, dense_root, s3_bucket):
+    import pyarrow.fs as pafs
+
+    from service.evaluation import _s3_fs, evaluate_model
+
+    pafs.copy_files(
+        str(dense_root),
+        f"{s3_bucket}/dense",
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=_s3_fs(None),
+    )
+    model, tok = world["task"].student, world["tok"]
+    kw = {"templates": "shapes"}
+    local = evaluate_model(
+        model, tok, dense_probe=str(dense_root), zero_shot_seg=str(dense_root), **kw
+    )
+    uri = f"s3://{s3_bucket}/dense"
+    remote = evaluate_model(model, tok, dense_probe=uri, zero_shot_seg=uri, **kw)
+    assert remote.metrics == local.metrics and remote.rows == local.rows
+
+
+def test_sweep_can_rank_trials_by_dense_miou(world, dense_root):
+    """sweep.metric may be a dense validation metric; without its data the sweep is refused."""
+    from service.spec import SpecError
+    from service.sweep_spec import validate_sweep
+
+    base = world["spec"].model_dump(mode="json")
+    base["data"]["val"] = world["test"]
+    base["sweep"] = {
+        "parameters": {"model.mask_ratio": {"choice": [0.5, 0.75]}},
+        "metric": "val_dense_probe_miou",
+    }
+    with pytest.raises(SpecError) as e:
+        validate_sweep(build_spec(base))
+    assert (
+        str(e.value)
+        .strip()
+        .endswith("sweep.metric: val_dense_probe_miou needs dense data; set data.dense_probe")
+    )
+    base["data"]["dense_probe"] = str(dense_root)
+    assert validate_sweep(build_spec(base)).metric == "val_dense_probe_miou"
