@@ -647,7 +647,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 def check_inputs(spec: JobSpec) -> None:
     """Checks that need the filesystem: local data paths must exist."""
     problems = []
-    for field in ("train", "val"):
+    for field in ("train", "val", "dense_probe", "zero_shot_seg"):
         uri = getattr(spec.data, field)
         if uri is None or "://" in uri:
             continue

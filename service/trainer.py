@@ -290,6 +290,13 @@ def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fr
         # directory, which is not this one: give it the absolute path
         absolute = str(Path(spec.data.val).expanduser().resolve())
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"val": absolute})})
+    dense = {  # the dense evaluation folders validate reads, likewise
+        k: str(Path(v).expanduser().resolve())
+        for k in ("dense_probe", "zero_shot_seg")
+        if (v := getattr(spec.data, k)) and "://" not in v
+    }
+    if dense:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update=dense)})
 
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker}

@@ -108,6 +108,8 @@ def _absolute(spec: JobSpec) -> dict:
 
     data["data"]["train"] = local(spec.data.train)
     data["data"]["val"] = local(spec.data.val)
+    data["data"]["dense_probe"] = local(spec.data.dense_probe)
+    data["data"]["zero_shot_seg"] = local(spec.data.zero_shot_seg)
     data["run"]["output_dir"] = local(spec.run.output_dir)
     data["checkpoint"]["storage_path"] = local(spec.storage_path())
     if spec.tracking.enabled:
