@@ -293,6 +293,18 @@ def _worker_resources(spec: JobSpec) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+def preemption_hook(spec: JobSpec) -> list[str]:
+    """The worker pods' preStop command: `maskclip node-preempt` (the node's Ray address is
+    KubeRay's RAY_ADDRESS), waiting at most cluster.stop_grace_s for the run's checkpoint."""
+    return ["maskclip", "node-preempt", "--within", str(spec.cluster.stop_grace_s)]
+
+
+def termination_grace_s(spec: JobSpec) -> int:
+    """terminationGracePeriodSeconds of the head and worker pods: cluster.stop_grace_s for the
+    checkpoint (the worker's preStop hook, or `maskclip stop`), then 30 s for Ray to stop."""
+    return spec.cluster.stop_grace_s + 30
+
+
 def config_map_name(spec: JobSpec) -> str:
     return f"{k8s_name(spec.run.name)}-spec"
 
@@ -364,6 +376,10 @@ def render_rayjob(
             "image": image,
             "env": env,
             "resources": _worker_resources(spec),
+            # a worker pod told to stop (a spot reclaim, a drained node, a deleted pod) first
+            # tells the run: Ray drains the node, the run checkpoints at its next step, and
+            # the hook returns once that checkpoint is on storage (service.control)
+            "lifecycle": {"preStop": {"exec": {"command": preemption_hook(spec)}}},
         },
         config_map=cm,
         shm=shm_size,
@@ -417,7 +433,7 @@ def render_rayjob(
         "submitterPodTemplate": submitter,
     }
     for template in (head, worker):  # stopping checkpoints first: give it the time
-        template["spec"]["terminationGracePeriodSeconds"] = spec.cluster.stop_grace_s + 30
+        template["spec"]["terminationGracePeriodSeconds"] = termination_grace_s(spec)
     c = spec.cluster
     if c.gcs_redis_address:
         gcs: dict[str, Any] = {"redisAddress": c.gcs_redis_address}

@@ -24,10 +24,17 @@ import torch.distributed as dist
 
 from maskclip import MaskCLIPTask
 from maskclip.tokenizer import Tokenizer
+from maskclip.transforms import normalise_images
 
 from . import checkpoint as ckpt
 from . import terminal
-from .control import StopWatcher, bad_rows_message, control_actor
+from .control import (
+    StopWatcher,
+    bad_rows_message,
+    control_actor,
+    preemption_notice,
+    record_preemption_checkpoint,
+)
 from .errors import StopReason
 from .evaluation import validate
 from .figures import patch_similarity_figure
@@ -81,12 +88,14 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class StepResult:
     """What one `train_step` did. `applied` is False when the update was not made: a non-finite
-    loss on some rank (`nonfinite`) or a stop requested on some rank (`stop`)."""
+    loss on some rank (`nonfinite`) or a stop requested on some rank (`stop`). `checkpoint`:
+    some rank asked for a checkpoint after this step (a preemption notice)."""
 
     report: dict[str, torch.Tensor]
     applied: bool
     nonfinite: bool = False
     stop: bool = False
+    checkpoint: bool = False
     grad_norm: float | None = None
     momentum: float | None = None
 
@@ -104,6 +113,7 @@ def train_step(
     grad_clip: float = 0.0,
     autocast: bool = False,
     stop: bool = False,
+    checkpoint: bool = False,
     distributed: bool = False,
 ) -> StepResult:
     """One optimisation step: forward, agree across ranks (finite loss? stop?), backward, clip,
@@ -112,11 +122,18 @@ def train_step(
     """
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
         loss, report = task.training_forward(images, tokens, gen)
-    # every rank must agree on skipping / stopping, or DDP would hang in backward
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop))])
+    # every rank must agree on skipping / stopping / checkpointing, or DDP (or the checkpoint's
+    # report) would hang: one all-reduce of three flags, in the step, no extra call
+    flags = torch.stack(
+        [
+            (~torch.isfinite(loss.detach())).float(),
+            loss.new_tensor(float(stop)),
+            loss.new_tensor(float(checkpoint)),
+        ]
+    )
     if distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, stopping = (bool(f) for f in flags.tolist())
+    nonfinite, stopping, checkpointing = (bool(f) for f in flags.tolist())
     if nonfinite or stopping:
         optimizer.zero_grad(set_to_none=True)
         return StepResult(report, applied=False, nonfinite=nonfinite, stop=stopping)
@@ -128,7 +145,9 @@ def train_step(
     optimizer.step()
     scheduler.step()
     momentum = task.update_teacher(step + 1, total_steps)
-    return StepResult(report, applied=True, grad_norm=grad_norm, momentum=momentum)
+    return StepResult(
+        report, applied=True, checkpoint=checkpointing, grad_norm=grad_norm, momentum=momentum
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -194,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     gen = torch.Generator().manual_seed(spec.run.seed * 1000 + rank + step)
     shard = ray.train.get_dataset_shard("train")
 
-    def save_and_report(metrics: dict, final: bool = False) -> None:
+    def save_and_report(metrics: dict, final: bool = False, model: bool = True) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -221,7 +240,8 @@ def train_loop_per_worker(config: dict) -> None:
                     )
                     ray.get(watcher.control.request_stop.remote(StopReason.CHECKPOINT, detail))
                     watcher.poll()
-            if checkpoint is not None and not final:  # the final one: _final_artifacts
+            # the final one: _final_artifacts; a preemption's: no upload to MLflow in the way
+            if checkpoint is not None and not final and model:
                 _checkpoint_model(task, step, metrics, tracker, config)
             metrics = {**metrics, "step": step, "final": final, "restored_from": restored_from}
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -235,6 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
     report: dict = {}
     last_images = None
     skipped = 0  # consecutive steps skipped for a non-finite loss
+    preempt_saved = False  # this worker group saved its checkpoint for a preemption notice
     while step < total_steps and epoch < max_epochs and stopped is None:
         batches_this_epoch = 0
         batches = shard.iter_torch_batches(
@@ -248,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
         for batch in batches:
             batches_this_epoch += 1
-            images, tokens = batch["image"], batch["tokens"]
+            images, tokens = normalise_images(batch["image"]), batch["tokens"]  # u8 on device
             last_images = images[:4]
             out = train_step(
                 task,
@@ -262,6 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
                 grad_clip=spec.optim.grad_clip,
                 autocast=autocast,
                 stop=watcher is not None and watcher.stop_requested,
+                checkpoint=not preempt_saved and preemption_notice() is not None,
                 distributed=world > 1,
             )
             if out.nonfinite:
@@ -310,6 +332,13 @@ def train_loop_per_worker(config: dict) -> None:
                 val_now = _validate(spec, task, tokenizer, device, tracker, rank, step)
             if step % spec.checkpoint.every_steps == 0 and step < total_steps:
                 save_and_report({"loss": float(report["loss"]), **val_now})
+            elif out.checkpoint and step < total_steps:  # a node is going away: save now
+                save_and_report({"loss": float(report["loss"]), **val_now}, model=False)
+            if out.checkpoint:
+                preempt_saved = True
+                if rank == 0 and step < total_steps:
+                    record_preemption_checkpoint(preemption_notice(), step)
+                    log.warning(f"preemption notice: checkpoint saved at step {step}")
             if step >= total_steps:
                 break
         else:

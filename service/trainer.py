@@ -18,7 +18,7 @@ from maskclip.tokenizer import Tokenizer
 
 from . import checkpoint as ckpt
 from . import data, terminal
-from .control import control_actor
+from .control import PREEMPTION_POLL_ENV, PREEMPTION_POLL_S, control_actor
 from .errors import DataError, RunStopped, SpecError, StopReason, UserError
 from .spec import JobSpec
 from .storage import Source, ensure_bucket, is_s3, resolve_source
@@ -55,6 +55,9 @@ def init_ray(spec: JobSpec, log_dir: Path | None = None) -> None:
     from . import terminal
 
     DataContext.get_current().enable_progress_bars = False
+    # Ray Train reads drained (preempted) nodes every second, not every 5 s: the notice reaches
+    # the workers sooner (service.control, preemption); Ray Train passes it to its controller
+    os.environ.setdefault(PREEMPTION_POLL_ENV, str(PREEMPTION_POLL_S))
     if log_dir is not None:
         terminal.route_ray(Path(log_dir) / terminal.RAY_LOG)
     if not ray.is_initialized():

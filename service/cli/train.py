@@ -72,6 +72,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_preempt(args: argparse.Namespace) -> int:
+    import os
+
+    from ..control import preempt_node
+    from ..errors import ClusterError
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ClusterError("node-preempt: no Ray address (--address or $RAY_ADDRESS)")
+    node_id, record, waited = preempt_node(address, args.node_id, args.within)
+    if record is not None:
+        print(
+            f"node {node_id[:12]}: the run checkpointed at step {record['step']} "
+            f"{waited:.1f} s after the notice; the node can go"
+        )
+    else:
+        print(f"node {node_id[:12]}: no run checkpointed within {waited:.0f} s; the node can go")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("run", help="train a job (embedded local Ray unless scaling.ray_address)")
     spec_args(p)
@@ -91,6 +111,21 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("schema", help="print the JSON Schema of the job spec")
     p.set_defaults(func=cmd_schema)
+    p = sub.add_parser(
+        "node-preempt",
+        help="a Ray node is going away (a worker pod's preStop hook): drain it, wait until the "
+        "run on it has checkpointed",
+    )
+    p.add_argument("--address", help="the Ray cluster (GCS host:port); default $RAY_ADDRESS")
+    p.add_argument("--node-id", help="the Ray node to drain; default this machine's worker node")
+    p.add_argument(
+        "--within",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="when the node goes: Ray's drain deadline and the longest wait (default 120)",
+    )
+    p.set_defaults(func=cmd_node_preempt)
     p = sub.add_parser("sweep", help="Ray Tune sweep over the spec's sweep: section")
     spec_args(p)
     p.set_defaults(func=cmd_sweep)

@@ -470,3 +470,29 @@ def test_job_retries_gcs_fault_tolerance_and_stop_grace_come_from_the_spec(spec_
     assert (
         _rayjob(_docs(spec_path, backoff_limit=0))["spec"]["backoffLimit"] == 0
     )  # --backoff-limit
+
+
+def test_worker_pods_checkpoint_before_they_go(spec_path):
+    """A worker pod told to stop runs `maskclip node-preempt` first (preStop): it waits at most
+    cluster.stop_grace_s for the run's checkpoint, and the pod's grace period leaves Ray 30 s
+    more. The hook is a real command of this CLI; the shipped RayCluster's workers have it too."""
+    from service.cli import build_parser
+
+    require_kuberay_schemas("RayJob")
+    job = _rayjob(_docs(spec_path, ["cluster.stop_grace_s=75"]))
+    assert validate_manifest(job) == [], validate_manifest(job)
+    (worker,) = [g["template"]["spec"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    hook = worker["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook == ["maskclip", "node-preempt", "--within", "75"]
+    assert worker["terminationGracePeriodSeconds"] == 105
+    args = build_parser().parse_args(hook[1:])
+    assert args.within == 75.0 and args.node_id is None  # the pod's own node, RAY_ADDRESS
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "lifecycle" not in head["containers"][0]  # the head's loss ends the job anyway
+
+    shipped = yaml.safe_load((REPO / "k8s" / "raycluster.yaml").read_text())
+    (group,) = shipped["spec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    within = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert within[:3] == ["maskclip", "node-preempt", "--within"]
+    assert pod["terminationGracePeriodSeconds"] == float(within[3]) + 30
