@@ -789,7 +789,7 @@ def _segmentation_details(out: dict, classes: list[str]) -> dict:
     }
 
 
-def _dense_probe(train: DenseSplit, test: DenseSplit, dev) -> dict:
+def _dense_probe(train: DenseSplit, test: DenseSplit) -> dict:
     """dense_probe on each feature kind of the two splits -> {kind: maskclip result}."""
     from maskclip.evaluate import dense_probe
 
@@ -1015,7 +1015,7 @@ def _evaluate_dense(
         test_src = src(probe_test or _join(dense_probe, "test"), "dense-probe test")
         train = encode(train_src, probe_rows or max_rows, baselines=baselines)
         test = encode(test_src, max_rows, baselines=baselines, project=shared)
-        results = _dense_probe(train, test, device)
+        results = _dense_probe(train, test)
         for kind, r in results.items():
             name = "dense_probe" if kind == "tokens" else f"dense_probe_{kind}"
             out.metrics[f"{name}_miou"] = r["miou"]

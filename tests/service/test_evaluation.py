@@ -432,9 +432,11 @@ def test_fashion_mnist_prompts_are_its_caption_templates():
 
 
 @pytest.mark.slow
-def test_run_final_validation_equals_eval_of_final_checkpoint(ray_local, world, val_with_bad_rows):
+def test_run_final_validation_equals_eval_of_final_checkpoint(
+    ray_local, world, val_with_bad_rows, dense_root
+):
     """A real `maskclip run` (Ray Train): its final in-loop validation metrics and `maskclip eval`
-    on its final checkpoint with the same data are identical."""
+    on its final checkpoint with the same data are identical, the dense ones included."""
     from service.trainer import run_job
 
     spec = build_spec(
@@ -445,6 +447,8 @@ def test_run_final_validation_equals_eval_of_final_checkpoint(ray_local, world, 
                 "train": str(world["root"] / "train"),
                 "val": val_with_bad_rows,
                 "templates": "shapes",
+                "dense_probe": str(dense_root),
+                "zero_shot_seg": str(dense_root),
             },
             "optim": {"batch_size": 16, "max_steps": 4, "warmup_steps": 1},
             "checkpoint": {"every_steps": 4},
@@ -454,10 +458,13 @@ def test_run_final_validation_equals_eval_of_final_checkpoint(ray_local, world, 
     result = run_job(spec)
     in_loop = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
     assert in_loop and result.metrics["step"] == 4
+    assert "val_dense_probe_miou" in in_loop and "val_zero_shot_seg_miou" in in_loop
     offline = evaluate(
         result.checkpoint.path,
         zero_shot=val_with_bad_rows,
         retrieval=val_with_bad_rows,
+        dense_probe=str(dense_root),
+        zero_shot_seg=str(dense_root),
         log_mlflow=False,
     )
     assert offline["checkpoint"]["step"] == 4
