@@ -2,6 +2,12 @@
 
 img = decode_image(row["jpg"], min_side=draft_min_side(224, train=True))  # ImageDecodeError
 x = train_transform(224)(img)           # float32 [3, 224, 224], CLIP-normalised
+u = train_transform(224, normalise=False)(img)  # uint8 [3, 224, 224]: the same crop, 4x smaller
+x = normalise_images(torch.stack([u]))  # float32 [1, 3, 224, 224], bit-identical to the above
+
+The Ray Data pipeline (service.data) ships uint8 crops and the training loop normalises them
+with normalise_images after the copy to the device: a float32 224 px row is 600 KB, a uint8 one
+150 KB (object store, host-to-device copy).
 
 JPEG draft mode: with `min_side`, a JPEG at least twice that size on its shorter side is decoded
 at 1/2, 1/4 or 1/8 scale by libjpeg's scaled IDCT (DCT-domain downscaling), never below
@@ -125,12 +131,30 @@ def decode_image(
         raise CorruptImageError(f"cannot decode image: {_one_line(e)}") from None
 
 
-def _normalise() -> list:
+def _normalise(normalise: bool = True) -> list:
+    if not normalise:
+        return []
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
 
 
-def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Random resized crop (scale 0.5-1) + normalise. No flips: captions may say left/right."""
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] (a transform's output with normalise=False, or a batch of
+    them, on any device) -> float32, CLIP-normalised: the transforms' own last two steps, the
+    same kernels elementwise, so the result equals the normalise=True transform's bit for bit.
+    A float tensor is returned as it is (already normalised)."""
+    if images.is_floating_point():
+        return images
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 or already normalised float, got {images.dtype}")
+    x = v2.functional.to_dtype(images, torch.float32, scale=True)
+    return v2.functional.normalize(x, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), inplace=True)
+
+
+def train_transform(
+    image_size: int, normalise: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop (scale 0.5-1) + normalise. No flips: captions may say left/right.
+    normalise=False: the uint8 crop (normalise_images finishes it)."""
     return v2.Compose(
         [
             v2.ToImage(),
@@ -141,19 +165,22 @@ def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
                 interpolation=InterpolationMode.BICUBIC,
                 antialias=True,
             ),
-            *_normalise(),
+            *_normalise(normalise),
         ]
     )
 
 
-def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the shorter side to `image_size`, centre crop, normalise."""
+def eval_transform(
+    image_size: int, normalise: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side to `image_size`, centre crop, normalise (normalise=False: the
+    uint8 crop)."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(image_size),
-            *_normalise(),
+            *_normalise(normalise),
         ]
     )
 

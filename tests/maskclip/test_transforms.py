@@ -14,6 +14,7 @@ from maskclip.transforms import (
     decode_image,
     encode_jpeg,
     eval_transform,
+    normalise_images,
     train_transform,
 )
 
@@ -141,6 +142,29 @@ def test_transforms_shapes_and_normalisation():
         assert isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.shape == (3, 16, 16)
     grey = Image.new("RGB", (40, 40), tuple(round(255 * m) for m in OPENAI_CLIP_MEAN))
     assert eval_transform(8)(grey).abs().max() < 0.02  # the mean colour maps to ~0
+
+
+@pytest.mark.parametrize("make", [train_transform, eval_transform])
+def test_uint8_crop_then_normalise_images_equals_the_normalising_transform(make):
+    """normalise=False gives the same crop as uint8; normalise_images on one image or on a
+    stacked batch then gives the normalising transform's float32 output bit for bit."""
+    rng = np.random.default_rng(1)
+    imgs = [
+        Image.fromarray(rng.integers(0, 255, (30 + i, 50, 3), dtype=np.uint8)) for i in range(4)
+    ]
+    torch.manual_seed(3)
+    floats = [make(16)(img) for img in imgs]
+    torch.manual_seed(3)
+    crops = [make(16, normalise=False)(img) for img in imgs]
+    assert all(c.dtype == torch.uint8 and c.shape == (3, 16, 16) for c in crops)
+    assert torch.equal(normalise_images(crops[0]), floats[0])
+    batch = normalise_images(torch.stack(crops))
+    assert batch.dtype == torch.float32 and torch.equal(batch, torch.stack(floats))
+
+
+def test_normalise_images_refuses_other_integer_types():
+    with pytest.raises(TypeError, match="uint8"):
+        normalise_images(torch.zeros(3, 4, 4, dtype=torch.int64))
 
 
 def test_eval_deterministic_train_random():
