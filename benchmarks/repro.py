@@ -45,11 +45,28 @@ METRICS = (
     ("image_to_text_R10", "img→text R@10"),
     ("text_to_image_R1", "text→img R@1"),
     ("text_to_image_R10", "text→img R@10"),
+    ("dense_probe_miou", "dense-probe mIoU"),
+    ("dense_probe_pixel_accuracy", "dense-probe pixel acc"),
+    ("zero_shot_seg_miou", "zero-shot seg mIoU"),
+    ("zero_shot_seg_pixel_accuracy", "zero-shot seg pixel acc"),
     ("step_time_s", "step time (s)"),
     ("final_loss_contrastive", "final contrastive loss"),
     ("final_logit_scale", "final logit scale"),
     ("run_minutes", "training run wall time (min)"),
 )
+
+
+DENSE = (
+    "dense_probe_miou",
+    "dense_probe_pixel_accuracy",
+    "zero_shot_seg_miou",
+    "zero_shot_seg_pixel_accuracy",
+)
+"""Metrics measured on each dense set (--dense); the first set's are the main table's."""
+BASELINES = {"random": "random init", "pixels": "raw patch pixels"}
+"""maskclip eval --dense-baseline NAME: the dense probe on an untrained model of the same
+config, and on each patch's raw pixels; run beside every CLIP seed so a trained model's dense
+number is read against what no training (and no model) gives."""
 
 
 def maskclip_cmd() -> list[str]:
@@ -102,6 +119,59 @@ def ensure_data(args, work: Path) -> Path:
     if rc != 0:
         sys.exit(f"data conversion failed; see {work / 'logs' / 'data.log'}")
     return root.resolve()
+
+
+def dense_tag(j: int, root: str) -> str:
+    """Metric prefix of dense set j: none for the first (the main table), its name after."""
+    return "" if j == 0 else f"{Path(root).name}:"
+
+
+def dense_cmd(args, work: Path, name: str, run_dir: Path, uri: str, arm: str, j: int):
+    root = args.dense[j]
+    cmd = [
+        *maskclip_cmd(),
+        "eval",
+        str(run_dir),
+        "--dense-probe",
+        root,
+        "--zero-shot-seg",
+        root,
+        "--max-rows",
+        str(args.dense_rows),
+        "--json",
+        str(work / "eval" / f"{name}.dense{j}.json"),
+        "--tracking-uri",
+        uri,
+    ]
+    if arm == BASELINE:
+        for b in BASELINES:
+            cmd += ["--dense-baseline", b]
+    return cmd
+
+
+def dense_eval(args, work, name, run_dir, steps, uri, arm, seed) -> tuple[dict, int]:
+    """Every --dense set on this run's final checkpoint (reused when current) -> metrics
+    (prefixed per dense_tag; baselines as `<tag>baseline_<name>_<metric>`), exit code."""
+    out: dict[str, float] = {}
+    for j, root in enumerate(args.dense or []):
+        out_json = work / "eval" / f"{name}.dense{j}.json"
+        if not eval_is_current(out_json, run_dir, steps):
+            rc, _ = run(
+                dense_cmd(args, work, name, run_dir, uri, arm, j),
+                work / "logs" / f"{name}.dense{j}.log",
+            )
+            if rc != 0:
+                return out, rc
+        m = json.loads(out_json.read_text())["metrics"]
+        tag = dense_tag(j, root)
+        for key in DENSE:
+            if key in m:
+                out[tag + key] = m[key]
+            for b in BASELINES:
+                bkey = key.replace("dense_probe_", f"dense_probe_{b}_")
+                if bkey != key and bkey in m:
+                    out[f"{tag}baseline_{b}_{key}"] = m[bkey]
+    return out, 0
 
 
 def read_final_step(run_dir: Path) -> int | None:
@@ -286,6 +356,17 @@ def main() -> int:
         help="maskclip eval --probe-rows: train rows for the linear probe (all 60k take ~6x "
         "longer to encode on CPU)",
     )
+    p.add_argument(
+        "--dense",
+        nargs="*",
+        default=None,
+        help="dense-labelled roots (train/ + test/ with a mask column and classes.txt) for the "
+        "dense probe and zero-shot segmentation; the first is the main table's (default: the "
+        "data root, whose Fashion-MNIST conversion carries masks); none: skip",
+    )
+    p.add_argument(
+        "--dense-rows", type=int, default=2000, help="rows per split for the dense evaluation"
+    )
     args = p.parse_args()
 
     from service.spec import load_spec
@@ -293,6 +374,11 @@ def main() -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = ensure_data(args, work)
+    if args.dense is None:
+        args.dense = [str(data)] if (data / "test" / "classes.txt").is_file() else []
+        if not args.dense:
+            print(f"note: {data} has no masks (converted before they existed): no dense columns")
+    args.dense = [str(Path(d).resolve()) for d in args.dense]
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}"
     if uri.startswith("sqlite:"):
         local_experiments(uri, work, args.arms)
@@ -370,9 +456,17 @@ def main() -> int:
                 )
                 continue
             res = json.loads(out_json.read_text())
+            dense_metrics, drc = dense_eval(args, work, name, run_dir, steps, uri, arm, seed)
+            if drc:
+                failures.append(
+                    f"{name}: dense maskclip eval exited {drc} (log {work}/logs/{name}.dense.log)"
+                )
+            if seed == 0 and args.dense:
+                commands.append(show(dense_cmd(args, work, name, run_dir, uri, arm, 0)))
             # evaluations written before the metric names lost their "@" read the same
             metrics = {k.replace("R@", "R"): v for k, v in res["metrics"].items()}
             run_id = res["checkpoint"].get("mlflow_run_id")
+            metrics.update(dense_metrics)
             metrics.update(training_end(uri, run_id))
             st = step_time(uri, run_id, spec.optim.batch_size)
             source = "mlflow samples_per_s"
@@ -418,6 +512,53 @@ def setup_line(args, total_minutes: float) -> str:
     )
 
 
+def dense_section(args, results: dict) -> list[str]:
+    """Per dense set: each arm's dense metrics beside the baselines (random init, raw pixels)."""
+    if not args.dense:
+        return []
+    arms = list(results)
+    lines = [
+        "",
+        "## Dense evaluation (patch tokens; mean ± sample std over seeds)",
+        "",
+        "The dense probe is a linear classifier on the frozen final-layer patch tokens (class "
+        "token excluded), fit on the set's train split, scored per pixel on its test split "
+        f"(first {args.dense_rows} rows of each); zero-shot segmentation matches each patch's "
+        "token in the joint space to the class prompts. Beside each arm: the same probe on an "
+        "untrained model of the same config (random init) and on each patch's raw pixels, "
+        "measured beside every CLIP seed. A trained model's number means something only "
+        "where it clears both baselines by a wide margin.",
+    ]
+    for j, root in enumerate(args.dense):
+        tag = dense_tag(j, root)
+        cols = arms + list(BASELINES)
+        lines += [
+            "",
+            f"### `{root}`" + (" (main)" if j == 0 else ""),
+            "",
+            "| metric | "
+            + " | ".join(
+                f"{c} (n={len(results[c])})" if c in results else BASELINES[c] for c in cols
+            )
+            + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for key in DENSE:
+            cells = []
+            for c in cols:
+                if c in results:
+                    vals = [
+                        r["metrics"][tag + key] for r in results[c] if tag + key in r["metrics"]
+                    ]
+                else:
+                    k = f"{tag}baseline_{c}_{key}"
+                    vals = [r["metrics"][k] for r in results.get(BASELINE, []) if k in r["metrics"]]
+                cells.append(fmt(*mean_std(vals)))
+            if any(c != "—" for c in cells):
+                lines.append(f"| {dict(METRICS).get(key, key)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(out, args, results, summary, commands, failures, uri, data, started) -> None:
     arms = list(results)
     n = {arm: len(runs) for arm, runs in results.items()}
@@ -450,6 +591,7 @@ def write_report(out, args, results, summary, commands, failures, uri, data, sta
         "",
         f"Step time: seconds per training step at the job's batch size ({', '.join(sources) or 'n/a'}).",
     ]
+    lines += dense_section(args, results)
     note = caption_note(Path(data) / "test")
     if note:
         lines += ["", note]
