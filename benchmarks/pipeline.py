@@ -38,10 +38,12 @@ Then `--steps` rounds (after one untimed warm-up round), each arm in turn within
 bare: service.data.DecodeBatch (the pipeline's own decode + random-resized-crop + tokenize, one
 thread) over the rows already in memory, on one CPU, with JPEG draft mode and without; ray:
 `build_dataset(spec, "train")` iterated alone over `--repeat` (4) copies of the shards, rows/s
-of the whole pass (start-up included: a small part of four times the rows), divided by the CPUs its decode tasks hold (service.data.
-decode_plan: `--cpus` tasks of one CPU). Prints the medians: `decode rows/s per cpu: X` (bare,
-draft), `decode rows/s per cpu without draft: X` and `ray/bare decode ratio: X` (the median of
-the rounds' ratios; goal >= 0.9).
+from its first batch to the end of the pass (the execution's start-up, printed apart, is
+excluded: a training run pays it once per epoch), divided by the CPUs its decode tasks hold
+(service.data.decode_plan: `--cpus` tasks of one CPU). Both arms do the same work per row:
+decode, crop and tokenize, images left as uint8 (the training loop normalises them on its
+device). Prints the medians: `decode rows/s per cpu: X` (bare, draft), `decode rows/s per cpu
+without draft: X` and `ray/bare decode ratio: X` (the median of the rounds' ratios; goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def predecoded_batches(spec, tokenizer_json: str, n_batches: int):
     """The first rows of data.train decoded by the pipeline's own DecodeBatch (train transform)."""
     import torch
 
+    from maskclip.transforms import normalise_images
     from service.data import DecodeBatch
     from service.storage import resolve_source
 
@@ -150,7 +153,8 @@ def predecoded_batches(spec, tokenizer_json: str, n_batches: int):
                 break
         if sum(len(x) for x in images) >= n_batches * b:
             break
-    images_all, tokens_all = torch.cat(images), torch.cat(tokens)
+    # uint8 crops, normalised as the training loop normalises them
+    images_all, tokens_all = normalise_images(torch.cat(images)), torch.cat(tokens)
     n = len(images_all) // b
     if n < 1:
         raise SystemExit(f"need at least {b} rows for one batch (got {len(images_all)})")
@@ -423,13 +427,19 @@ def bare_decode(decoder, batches: list[dict]) -> float:
     return rows / (time.perf_counter() - t0)
 
 
-def ray_decode(ds, batch_size: int) -> float:
-    """Rows/s of the dataset iterated alone, start-up included (the data are `--repeat` times
-    the bare arm's rows, so that it is a small part)."""
-    t0, rows = time.perf_counter(), 0
+def ray_decode(ds, batch_size: int) -> tuple[float, float]:
+    """(rows/s of the dataset iterated alone after its first batch, seconds to the first batch:
+    the execution's start-up, which a training run pays once per epoch)."""
+    t0 = time.perf_counter()
+    t_first, rows = None, 0
     for batch in ds.iter_batches(batch_size=batch_size):
+        if t_first is None:
+            t_first = time.perf_counter()
+            continue
         rows += len(batch["image"])
-    return rows / (time.perf_counter() - t0)
+    if t_first is None or rows == 0:
+        raise SystemExit("ray: the pass yielded fewer than two batches; use more --rows")
+    return rows / (time.perf_counter() - t_first), t_first - t0
 
 
 def decode_main(args) -> None:
@@ -495,7 +505,8 @@ def decode_main(args) -> None:
         ratios = []
         for r in range(rounds + 1):
             bare = {name: bare_decode(dec, batches) for name, dec in arms.items()}
-            ray_rate = ray_decode(ds, 32) / ray_cpus
+            ray_rate, startup = ray_decode(ds, 32)
+            ray_rate /= ray_cpus
             if r == 0:
                 continue  # warm-up: Ray starts its worker processes, caches fill
             for name, rate in bare.items():
@@ -505,7 +516,7 @@ def decode_main(args) -> None:
             print(
                 f"round {r}: bare {bare['draft']:.0f} rows/s (without draft "
                 f"{bare['no draft']:.0f}), ray {ray_rate:.0f} rows/s per CPU, ratio "
-                f"{ratios[-1]:.2f}; {load()}",
+                f"{ratios[-1]:.2f} (start-up {startup:.1f} s, excluded); {load()}",
                 flush=True,
             )
         import ray

@@ -5,6 +5,11 @@ tokenized batches.
     captions = sample_captions(train, spec.data.tokenizer_captions, spec.data.max_caption_chars)
     ds = build_dataset(train, spec, "train", tok.to_json(), control_name)
     for batch in ds.iter_batches(batch_size=64, local_shuffle_buffer_size=...): ...
+        images = normalise_images(torch.as_tensor(batch["image"]))  # uint8 -> float32
+
+Images leave the pipeline as uint8 [B, 3, H, W] crops, normalised by the consumer
+(maskclip.transforms.normalise_images, after the copy to the device): float32 rows are 4x the
+bytes (600 KB at 224 px) in Ray's object store, which at 224 px filled it and spilled GBs.
 
 Streaming only: nothing here materializes the dataset; rows that cannot be used (service.rows:
 bad image, no caption, ...) are dropped and counted per reason in the run's control actor
@@ -13,6 +18,7 @@ bad image, no caption, ...) are dropped and counted per reason in the run's cont
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -32,6 +38,12 @@ if TYPE_CHECKING:
 
 READ_NUM_CPUS = 0.25
 """CPUs per Parquet read task: reading is mostly I/O; leaves room next to training workers."""
+READ_TASKS_PER_DECODE_TASK = 0.25
+"""Parquet read tasks at once per decode task (at least MIN_READ_TASKS). A read task streams
+its whole file and keeps its READ_NUM_CPUS while its output waits for decoding; uncapped, Ray
+Data started one per file, and on a 3-CPU local Ray 7 reads held 1.75 CPUs, leaving room for
+one of the two 1-CPU decode tasks decode_plan asked for (measured at 224 px)."""
+MIN_READ_TASKS = 2
 READ_ROWS_PER_BLOCK = 256
 """Rows per Arrow block coming out of a read task (raw image bytes: a few MB)."""
 MAP_NUM_CPUS = 0.5
@@ -40,8 +52,16 @@ workers take 0.5 each on a 2-core machine); with more, a task takes a whole CPU 
 one thread)."""
 MIN_DECODE_TASKS = 2
 """Decode tasks allowed at once, at least: what a 2-core laptop (1 worker, 0.5 + 0.5 CPU) ran."""
-TARGET_BATCH_BYTES = 32 << 20
-"""Decoded float32 images per map batch are kept near this size (64..256 rows)."""
+TARGET_BATCH_BYTES = 8 << 20
+"""Decoded uint8 images per map batch (and so per decode task) are kept near this size (64..256
+rows; 64 at 224 px, ~0.15 s of decoding)."""
+TARGET_BLOCK_BYTES = 4 << 20
+"""Ray Data blocks of this pipeline are cut at this size (DataContext.target_max_block_size,
+128 MB by default). Ray Data starts a task only while the task's expected pending output (2 of
+its output blocks) fits the operator's share of the object-store budget (trainer.
+ingest_options: 154 MB for batch 32 at 224 px, split between read and decode): with a decode
+task's whole output in one block (250 rows, 38 MB of uint8 at 224 px) one decode task ran at a
+time, whatever decode_plan allowed (measured at 224 px: 0.85 of 2 tasks busy on average)."""
 
 STATS_LOOKUP_S = 30.0
 """Decoders look the control actor up by name again after this many seconds."""
@@ -99,7 +119,9 @@ class DecodeBatch:
         self.label_column = label_column
         self.status_column = status_column
         self.tokenizer = Tokenizer.from_json(tokenizer_json)
-        self.transform = train_transform(image_size) if train else eval_transform(image_size)
+        # uint8 crops: the consumer normalises (maskclip.transforms.normalise_images)
+        transform = train_transform if train else eval_transform
+        self.transform = transform(image_size, normalise=False)
         self.image_size = image_size
         # JPEG draft mode: large JPEGs decode at 1/2..1/8 scale, never below what the crop needs
         self.min_side = draft_min_side(image_size, train) if draft else None
@@ -153,7 +175,7 @@ class DecodeBatch:
             if row is None:
                 reasons[why] = reasons.get(why, 0) + 1
                 continue
-            images.append(row.image.numpy().astype(np.float32, copy=False))
+            images.append(row.image.numpy())
             captions.append(row.caption)
             if labels_in is not None:
                 labels.append(row.label)
@@ -164,7 +186,7 @@ class DecodeBatch:
         if not images:  # an all-bad batch yields nothing (an empty tensor block would not concat)
             return
         out = {
-            "image": np.stack(images).astype(np.float32, copy=False),
+            "image": np.stack(images),  # uint8 [B, 3, H, W]
             "tokens": self.tokenizer.encode(captions).numpy().astype(np.int64, copy=False),
         }
         if labels_in is not None:
@@ -205,13 +227,20 @@ def _read_files(
                 yield pa.Table.from_batches([rb])
 
 
+def read_tasks(decode_tasks: int) -> int:
+    """Read tasks allowed at once next to `decode_tasks` decode tasks."""
+    return max(MIN_READ_TASKS, math.ceil(decode_tasks * READ_TASKS_PER_DECODE_TASK))
+
+
 def read_parquet_stream(
     source: Source,
     columns: list[str],
     shuffle_seed: int | None = None,
     rows_per_block: int = READ_ROWS_PER_BLOCK,
+    max_tasks: int | None = None,
 ) -> ray.data.Dataset:
-    """Stream the source's `columns` as small Arrow blocks (one read task per file).
+    """Stream the source's `columns` as small Arrow blocks (one read task per file, at most
+    `max_tasks` at once).
 
     Not `ray.data.read_parquet`: its ListFiles step always asks for a whole CPU (a job whose
     training workers hold all but a fraction of a CPU would never start reading). With
@@ -233,12 +262,13 @@ def read_parquet_stream(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_NUM_CPUS,
+        compute=None if max_tasks is None else ray.data.TaskPoolStrategy(size=max_tasks),
     )
 
 
 def map_batch_size(image_size: int) -> int:
-    """Rows per decode batch: ~TARGET_BATCH_BYTES of float32 images, within 64..256."""
-    per_row = 3 * image_size * image_size * 4
+    """Rows per decode batch: ~TARGET_BATCH_BYTES of uint8 images, within 64..256."""
+    per_row = 3 * image_size * image_size
     return int(min(256, max(64, TARGET_BATCH_BYTES // per_row)))
 
 
@@ -259,7 +289,8 @@ def decode_plan(spec: JobSpec) -> tuple[int, float]:
 def build_dataset(
     source: Source, spec: JobSpec, split: str, tokenizer_json: str, stats_actor_name: str | None
 ) -> ray.data.Dataset:
-    """A lazy, streaming Dataset of {"image": f32 [B,3,H,W], "tokens": i64 [B,L]} (+ val labels).
+    """A lazy, streaming Dataset of {"image": u8 [B,3,H,W], "tokens": i64 [B,L]} (+ val labels);
+    the consumer normalises the images (maskclip.transforms.normalise_images).
 
     "train": random-resized-crop; file order shuffled per epoch when data.shuffle (rows are
     shuffled further by the consumer's local_shuffle_buffer_size). "val": resize + centre crop,
@@ -283,8 +314,13 @@ def build_dataset(
     columns += [c for c in (label_column, status_column) if c and c not in columns]
     tasks, task_cpus = decode_plan(spec)
     ds = read_parquet_stream(
-        source, columns, shuffle_seed=spec.run.seed if split == "train" and d.shuffle else None
+        source,
+        columns,
+        shuffle_seed=spec.run.seed if split == "train" and d.shuffle else None,
+        max_tasks=read_tasks(tasks),
     )
+    # the context object every operator of this Dataset shares (a copy of the current one)
+    ds.context.target_max_block_size = TARGET_BLOCK_BYTES
     return ds.map_batches(
         decode_batch,
         fn_kwargs={

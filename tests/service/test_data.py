@@ -221,8 +221,7 @@ def test_decode_batch_reasons_without_ray(tokenizer):
     (out,) = list(dec(batch))
     n_bad = sum(expected.values())
     n_good = len(records) - n_bad
-    assert out["image"].shape == (n_good, 3, 24, 24) and out["image"].dtype == np.float32
-    assert np.isfinite(out["image"]).all()
+    assert out["image"].shape == (n_good, 3, 24, 24) and out["image"].dtype == np.uint8
     assert out["tokens"].shape == (n_good, 32) and out["tokens"].dtype == np.int64
     assert (out["tokens"][:, 0] == tokenizer.sot_id).all()
     assert len(out["label"]) == len(out["caption"]) == n_good
@@ -232,6 +231,56 @@ def test_decode_batch_reasons_without_ray(tokenizer):
     # An all-bad batch yields nothing (no empty tensor block).
     only_bad = {k: v[20:27] for k, v in batch.items()}
     assert list(dec(only_bad)) == []
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_batches_normalise_to_the_float_rows_of_before(tokenizer, train):
+    """The pipeline ships uint8 crops (4x fewer bytes through Ray's object store); normalised by
+    the consumer (normalise_images, as the training loop does) they equal, bit for bit, what the
+    float path gave: each row through rows.clean_row with the normalising transform (what
+    DecodeBatch emitted before, and what `maskclip eval` / in-loop validation still use), with
+    the same random crops (same torch seed) for "train"."""
+    import torch
+
+    from maskclip.transforms import eval_transform, normalise_images, train_transform
+
+    records = generate(12, image_size=40, seed=5)
+    cols = {c: np.array([r[c] for r in records], dtype=object) for c in ("jpg", "caption")}
+    dec = D.DecodeBatch(
+        image_column="jpg",
+        caption_column="caption",
+        label_column=None,
+        tokenizer_json=tokenizer.to_json(),
+        image_size=24,
+        train=train,
+        max_pixels=10_000,
+        max_caption_chars=50,
+        stats_actor_name=None,
+        keep_caption=False,
+    )
+    torch.manual_seed(11)
+    (out,) = dec(cols)
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (12, 3, 24, 24)
+    new = normalise_images(torch.from_numpy(out["image"]))
+
+    old_transform = (train_transform if train else eval_transform)(24)  # normalise=True
+    torch.manual_seed(11)
+    old = []
+    for r in records:
+        row, why = R.clean_row(
+            r["jpg"],
+            r["caption"],
+            max_pixels=10_000,
+            max_caption_chars=50,
+            transform=old_transform,
+            min_side=dec.min_side,
+        )
+        assert why is None
+        old.append(row.image)
+    old = torch.stack(old)
+    assert new.dtype == old.dtype == torch.float32
+    assert torch.equal(new, old)
+    assert torch.equal(normalise_images(new), new)  # already float: left as it is
 
 
 def _img2dataset_records(n: int, broken=(5, 25)) -> list[dict]:
@@ -325,6 +374,14 @@ def test_decode_tasks_scale_with_the_cpus_kept_for_data(make_spec, scaling, plan
     assert D.decode_plan(make_spec(scaling=scaling)) == plan
 
 
+def test_blocks_and_read_tasks_stay_small_next_to_decode():
+    """A 224 px decode task handles 64 rows (9.6 MB of uint8 crops), its output cut into 4 MB
+    blocks; reads are capped (2, one more per 4 decode tasks) so they never hold the CPUs the
+    decode tasks were planned on."""
+    assert D.map_batch_size(224) == 64 and D.map_batch_size(32) == 256
+    assert [D.read_tasks(n) for n in (1, 2, 8, 9, 24)] == [2, 2, 2, 3, 6]
+
+
 # ---------------------------------------------------------------- Ray Data
 
 
@@ -333,13 +390,17 @@ def test_build_dataset_local_shapes_and_streaming(ray_local, make_spec, tokenize
     name = f"control-{uuid.uuid4().hex[:8]}"
     actor = control_actor(name, create=True)
     ds = D.build_dataset(resolve_source(spec.data.train), spec, "train", tokenizer.to_json(), name)
+    assert ds.context.target_max_block_size == D.TARGET_BLOCK_BYTES
+    from ray.data import DataContext
+
+    assert DataContext.get_current().target_max_block_size != D.TARGET_BLOCK_BYTES  # a copy
     ops = _op_names(ds)
     assert not any("Shuffle" in o or "Sort" in o or "Repartition" in o for o in ops), ops
     # The only all-to-all op shuffles the list of file paths, before any file is read.
     assert ops.index("RandomizeBlockOrder") > ops.index("MapBatches(_read_files)"), ops
     n, size = 0, spec.image_size
     for b in ds.iter_batches(batch_size=8, batch_format="numpy"):
-        assert b["image"].shape[1:] == (3, size, size) and b["image"].dtype == np.float32
+        assert b["image"].shape[1:] == (3, size, size) and b["image"].dtype == np.uint8
         assert b["tokens"].shape[1:] == (spec.context_length,) and b["tokens"].dtype == np.int64
         assert set(b) == {"image", "tokens"}
         n += len(b["image"])
@@ -540,5 +601,5 @@ def test_decode_benchmark_bare_arm_is_the_pipelines_decode(tokenizer, source, de
     for draft in (True, False):
         decoder = D.DecodeBatch(**kwargs, draft=draft)
         (out,) = decoder(cols)
-        assert out["image"].shape == (6, 3, 224, 224) and out["image"].dtype == np.float32
+        assert out["image"].shape == (6, 3, 224, 224) and out["image"].dtype == np.uint8
         assert bench.bare_decode(decoder, [cols]) > 0
