@@ -75,12 +75,18 @@ class VisionTower(nn.Module):
             trunc_normal_(self.mask_token, std=0.02)
 
     def tokens(
-        self, images: torch.Tensor, mask: torch.Tensor | None = None, visible_only: bool = False
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        visible_only: bool = False,
+        blocks: int | None = None,
     ) -> torch.Tensor:
         """Final-norm tokens `[B, 1 + n, width]` (class token first).
 
         mask: `[B, num_patches]` bool, True = masked. With `visible_only` the masked patches are
         dropped (n = visible count, same for every row); otherwise they become the mask token.
+        blocks: run only the first `blocks` transformer blocks (negative: all but the last
+        -blocks), then the final norm; None runs them all.
         """
         t = self.trunk
         x = t.patch_embed(images)
@@ -91,7 +97,8 @@ class VisionTower(nn.Module):
             b, _, d = x.shape
             x = torch.cat([x[:, :1], x[:, 1:][~mask].reshape(b, -1, d)], dim=1)
         x = t.norm_pre(t.patch_drop(x))
-        x = run_blocks(t.blocks, x, self.grad_checkpointing)
+        trunk = t.blocks if blocks is None else t.blocks[:blocks]
+        x = run_blocks(trunk, x, self.grad_checkpointing)
         return t.norm(x)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -229,12 +236,16 @@ class MaskCLIP(nn.Module):
         f = self.visual.embed(self.visual.tokens(images))
         return F.normalize(f, dim=-1) if normalize else f
 
-    def encode_patches(self, images: torch.Tensor, project: bool = False) -> torch.Tensor:
+    def encode_patches(
+        self, images: torch.Tensor, project: bool = False, blocks: int | None = None
+    ) -> torch.Tensor:
         """Final-layer patch tokens (class token excluded) on the patch grid: `[B, gh, gw,
         width]` after the trunk's final norm; with `project` each token goes through the image
         projection into the joint image-text space and is L2-normalised (`[B, gh, gw,
-        embed_dim]`, comparable with `encode_text`). Dense evaluation reads these."""
-        tokens = self.visual.tokens(images)[:, 1:]
+        embed_dim]`, comparable with `encode_text`). Dense evaluation reads these.
+        blocks: the tokens after the first `blocks` transformer blocks instead (negative: all
+        but the last -blocks), through the final norm; for probing earlier layers."""
+        tokens = self.visual.tokens(images, blocks=blocks)[:, 1:]
         gh, gw = self.visual.grid
         tokens = tokens.reshape(tokens.shape[0], gh, gw, tokens.shape[-1])
         return self.project_patches(tokens) if project else tokens

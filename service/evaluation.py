@@ -647,6 +647,7 @@ def encode_dense_source(
     batch_size: int,
     device: torch.device,
     baselines: tuple[str, ...] = (),
+    blocks: int | None = None,
     project: bool = False,
     classes: list[str] | None = None,
 ) -> DenseSplit:
@@ -660,7 +661,9 @@ def encode_dense_source(
     the same call (torchvision resizes a Mask nearest-neighbour, with the same resize and
     centre-crop geometry). Bad images are skipped and counted (service.rows), as are null masks.
     `project`: also the tokens projected into the joint space ("projected", one trunk pass for
-    both); `baselines`: also the DENSE_BASELINES named.
+    both); `baselines`: also the DENSE_BASELINES named; `blocks`: the probe's tokens (model
+    and random init) after that many transformer blocks (MaskCLIP.encode_patches), the
+    projected ones always final.
     """
     from torchvision import tv_tensors
 
@@ -678,8 +681,11 @@ def encode_dense_source(
     read = [columns.image, MASK_COLUMN] + [c for c in (status, key) if c]
 
     def model_features(x):
-        t = model.encode_patches(x)
-        return {"tokens": t, "projected": model.project_patches(t)} if project else {"tokens": t}
+        t = model.encode_patches(x, blocks=blocks)
+        if not project:
+            return {"tokens": t}
+        final = t if blocks is None else model.encode_patches(x)
+        return {"tokens": t, "projected": model.project_patches(final)}
 
     encoders = {"model": model_features}
     if "pixels" in baselines:
@@ -687,7 +693,7 @@ def encode_dense_source(
         encoders["pixels"] = lambda x: {"pixels": patch_pixels(x, patch)}
     if "random" in baselines:
         fresh = random_init_like(model).to(device)
-        encoders["random"] = lambda x: {"random": fresh.encode_patches(x)}
+        encoders["random"] = lambda x: {"random": fresh.encode_patches(x, blocks=blocks)}
     feats: dict[str, list[torch.Tensor]] = {}
     masks: list[torch.Tensor] = []
     examples: list[torch.Tensor] = []
@@ -832,6 +838,7 @@ def evaluate_model(
     dense_probe=None,
     zero_shot_seg=None,
     dense_baselines: tuple[str, ...] | list[str] = (),
+    dense_blocks: int | None = None,
     templates: str | list[str] = "default",
     max_rows: int | None = MAX_ROWS,
     probe_rows: int | None = None,
@@ -869,6 +876,12 @@ def evaluate_model(
     if batch_size < 1 or (max_rows is not None and max_rows < 1):
         raise UserError("batch_size and max_rows must be positive")
     baselines = tuple(dict.fromkeys(dense_baselines))
+    depth = len(model.visual.trunk.blocks)
+    if dense_blocks is not None and not (-depth < dense_blocks <= depth and dense_blocks):
+        raise UserError(
+            f"dense blocks {dense_blocks}: the image tower has {depth} blocks "
+            f"(1..{depth}, or -1..-{depth - 1} for all but the last few)"
+        )
     unknown = [b for b in baselines if b not in DENSE_BASELINES]
     if unknown:
         raise UserError(f"dense baseline {unknown[0]!r}: choose from {', '.join(DENSE_BASELINES)}")
@@ -948,6 +961,7 @@ def evaluate_model(
                 baselines,
                 prompts,
                 src,
+                blocks=dense_blocks,
                 columns=columns,
                 max_rows=max_rows,
                 probe_rows=probe_rows,
@@ -971,6 +985,7 @@ def _evaluate_dense(
     prompts: list[str],
     src,
     *,
+    blocks: int | None = None,
     columns: Columns,
     max_rows: int | None,
     probe_rows: int | None,
@@ -984,7 +999,14 @@ def _evaluate_dense(
 
     def encode(source, cap, **kw) -> DenseSplit:
         split = encode_dense_source(
-            model, source, columns=columns, max_rows=cap, batch_size=batch_size, device=device, **kw
+            model,
+            source,
+            columns=columns,
+            max_rows=cap,
+            batch_size=batch_size,
+            device=device,
+            blocks=blocks,
+            **kw,
         )
         if split.skipped:
             out.skipped[source.field] = split.skipped
@@ -1118,6 +1140,7 @@ def evaluate(
     dense_probe: str | None = None,
     zero_shot_seg: str | None = None,
     dense_baselines: tuple[str, ...] | list[str] = (),
+    dense_blocks: int | None = None,
     probe_rows: int | None = None,
     endpoint_url: str | None = None,
     tracking_uri: str | None = None,
@@ -1165,6 +1188,7 @@ def evaluate(
         dense_probe=dense_probe,
         zero_shot_seg=zero_shot_seg,
         dense_baselines=tuple(dense_baselines),
+        dense_blocks=dense_blocks,
         templates=prompts,
         max_rows=max_rows,
         probe_rows=probe_rows,
@@ -1196,7 +1220,11 @@ def evaluate(
     if ev.zero_shot is not None:
         result["zero_shot"] = ev.zero_shot
     if ev.dense is not None:
-        result["dense"] = {**ev.dense, "baselines": list(dict.fromkeys(dense_baselines))}
+        result["dense"] = {
+            **ev.dense,
+            "baselines": list(dict.fromkeys(dense_baselines)),
+            "blocks": dense_blocks,
+        }
     result["mlflow"] = {"uri": None, "run_id": None, "logged": False}
     if log_mlflow:
         result["mlflow"] = log_results(result, resolved, loaded, tracking_uri, ev.examples)

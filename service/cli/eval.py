@@ -107,6 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "give at least one of --zero-shot, --retrieval, --linear-probe, --dense-probe, "
             "--zero-shot-seg"
         )
+    if args.dense_blocks is not None and not args.dense_probe:
+        raise UserError("--dense-blocks needs --dense-probe (it picks the probe's tokens)")
     if args.dense_baseline and not args.dense_probe:
         raise UserError("--dense-baseline needs --dense-probe (the baselines are probe numbers)")
     from .. import terminal
@@ -134,6 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dense_probe=args.dense_probe,
         zero_shot_seg=args.zero_shot_seg,
         dense_baselines=tuple(args.dense_baseline or ()),
+        dense_blocks=args.dense_blocks,
         templates=args.templates,
         batch_size=args.batch_size,
         probe_rows=args.probe_rows,
@@ -198,6 +201,13 @@ def register(subparsers) -> None:
         choices=("pixels", "random"),
         help="also run the dense probe on each patch's raw pixels (pixels) or on a random-init "
         "model of the checkpoint's config (random); repeatable",
+    )
+    p.add_argument(
+        "--dense-blocks",
+        type=int,
+        metavar="N",
+        help="probe the patch tokens after the first N transformer blocks (negative: all but "
+        "the last -N) instead of the final layer; zero-shot seg stays on the final layer",
     )
     p.add_argument(
         "--templates",

@@ -243,3 +243,22 @@ def test_encode_patches_are_the_final_patch_tokens_on_the_grid():
     torch.testing.assert_close(projected.reshape(3, 16, -1), want)
     torch.testing.assert_close(projected.norm(dim=-1), torch.ones(3, 4, 4))
     assert torch.equal(model.project_patches(patches), projected)
+
+
+def test_encode_patches_blocks_are_the_tokens_after_that_block():
+    """--dense-blocks N: the tokens after the first N blocks (through the final norm); -1 is
+    all but the last; the full depth is the default."""
+    torch.manual_seed(0)
+    model = create_model("maskclip_nano").eval()  # depth 2
+    t = model.visual.trunk
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        x = t.norm_pre(t._pos_embed(t.patch_embed(images)))
+        after_first = t.norm(t.blocks[0](x))[:, 1:].reshape(2, 4, 4, -1)
+        one = model.encode_patches(images, blocks=1)
+        minus_one = model.encode_patches(images, blocks=-1)
+        full = model.encode_patches(images, blocks=2)
+    torch.testing.assert_close(one, after_first)
+    assert torch.equal(one, minus_one)
+    assert torch.equal(full, model.encode_patches(images))
+    assert not torch.allclose(one, full)

@@ -609,6 +609,34 @@ def _bad_dense(tmp: Path, case: str) -> tuple[Path, str]:
     return root, f"{train / 'part-00000.parquet'} {tail}"
 
 
+def test_cli_dense_blocks_probes_an_earlier_layer(world, dense_root, tmp_path, capsys):
+    """--dense-blocks N probes the tokens after block N (the model's and the random-init
+    baseline's); zero-shot seg stays on the final layer; a depth the tower lacks is one line."""
+    runs = {}
+    for blocks in (None, 1):
+        out_json = tmp_path / f"b{blocks}.json"
+        args = ["eval", world["ckpt"], "--dense-probe", str(dense_root), "--zero-shot-seg"]
+        args += [str(dense_root), "--no-mlflow", "--json", str(out_json)]
+        args += ["--dense-baseline", "random"]
+        if blocks is not None:
+            args += ["--dense-blocks", str(blocks)]
+        assert main(args) == 0
+        capsys.readouterr()
+        runs[blocks] = json.loads(out_json.read_text())
+    full, first = runs[None]["metrics"], runs[1]["metrics"]
+    assert runs[1]["dense"]["blocks"] == 1 and runs[None]["dense"]["blocks"] is None
+    assert first["dense_probe_miou"] != full["dense_probe_miou"]
+    assert first["dense_probe_random_miou"] == first["dense_probe_miou"]  # same init, same layer
+    assert first["zero_shot_seg_miou"] == full["zero_shot_seg_miou"]
+    depth = len(world["task"].student.visual.trunk.blocks)
+    rc = main(["eval", world["ckpt"], "--dense-probe", str(dense_root), "--dense-blocks", "99"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: dense blocks 99: the image tower has {depth} blocks "
+        f"(1..{depth}, or -1..-{depth - 1} for all but the last few)"
+    )
+
+
 @pytest.mark.parametrize("case", ["no-classes", "wrong-size", "class-index", "no-mask-column"])
 def test_cli_dense_format_errors_exit_2(world, tmp_path, capsys, case):
     root, tail = _bad_dense(tmp_path, case)
