@@ -36,13 +36,15 @@ if TYPE_CHECKING:
 
     from service.spec import JobSpec
 
-READ_NUM_CPUS = 0.25
-"""CPUs per Parquet read task: reading is mostly I/O; leaves room next to training workers."""
+READ_NUM_CPUS = 0
+"""CPUs a Parquet read task asks Ray for: none. Reading is mostly I/O (a few % of the decode
+CPU at 224 px), and a read task streams its whole file, holding what it asked for while its
+output waits for decoding. At 0.25 each, uncapped reads (one per file) held 1.75 of a 3-CPU
+local Ray, and even 2 capped reads left Ray Data's budget 0.8 CPU short of a second 1-CPU decode
+task (its reservation splits the CPUs between the two operators): one decode task ran where
+decode_plan planned two. The count is capped instead (READ_TASKS_PER_DECODE_TASK)."""
 READ_TASKS_PER_DECODE_TASK = 0.25
-"""Parquet read tasks at once per decode task (at least MIN_READ_TASKS). A read task streams
-its whole file and keeps its READ_NUM_CPUS while its output waits for decoding; uncapped, Ray
-Data started one per file, and on a 3-CPU local Ray 7 reads held 1.75 CPUs, leaving room for
-one of the two 1-CPU decode tasks decode_plan asked for (measured at 224 px)."""
+"""Parquet read tasks at once per decode task (at least MIN_READ_TASKS)."""
 MIN_READ_TASKS = 2
 READ_ROWS_PER_BLOCK = 256
 """Rows per Arrow block coming out of a read task (raw image bytes: a few MB)."""
