@@ -361,7 +361,9 @@ def train_loop_per_worker(config: dict) -> None:
     clean = stopped in (None, StopReason.SIGNAL, StopReason.INTERRUPT)
     if clean:
         final_metrics.update(_validate(spec, task, tokenizer, device, tracker, rank, step))
-        if rank == 0 and tracker.enabled:
+        # stopped by a signal, the run is not over: a rerun resumes it and logs the final model
+        # (logging it here also logged this step's metrics a second time, linked to the model)
+        if rank == 0 and tracker.enabled and stopped is None:
             _final_artifacts(task, last_images, tracker, config, step, final_metrics)
     if not clean:
         # keep the last good checkpoint: report without a new one

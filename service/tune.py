@@ -7,6 +7,10 @@ best trial to the parent run and print `best checkpoint: ...`.
 
 Each trial is one `run_job` (the same code as `maskclip run`) named `<sweep>-<trial id>`: a
 restarted trial resumes its own checkpoints and MLflow run, nested under the parent run.
+
+SIGTERM / SIGINT (`SweepStop`): the running trials checkpoint and stop, trials not started yet
+start nothing, Tune saves the experiment, the stopped trials' MLflow runs are tagged
+`maskclip.stopped` and KILLED, and the command exits 143 / 130; running it again resumes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import csv
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,10 @@ log = terminal.get_logger(__name__)
 
 SWEEP_TAG = "maskclip.sweep"
 EARLY_STOPPED_TAG = "maskclip.early_stopped"
+STOPPED_TAG = "maskclip.stopped"  # signal | interrupt: stopped at a checkpoint, a rerun resumes
+STOPPED_STEP_TAG = "maskclip.stopped_checkpoint_step"
+CONTROL_PREFIX = "maskclip-control-"  # service.trainer names a run's control actor so
+SWEEP_KV_NAMESPACE = b"maskclip-sweep"
 TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
 
 
@@ -50,7 +61,145 @@ def _trial(config: dict, base: dict, sweep_name: str, parent_run_id: str | None)
     data["sweep"] = None
     spec = build_spec(data)
     terminal.configure(worker=True)  # this trial's lines on stdout: the sweep's driver prints them
-    trainer.run_job(spec, tune_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    if _stopping(sweep_name):  # the sweep was told to stop: start nothing, a rerun runs it
+        _wait_for_tune()
+    try:
+        trainer.run_job(spec, tune_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    except RunStopped as e:
+        if e.reason not in (StopReason.SIGNAL, StopReason.INTERRUPT):
+            raise
+        _wait_for_tune()  # checkpointed: stay RUNNING, so Tune saves it as unfinished
+
+
+def _wait_for_tune() -> None:
+    """Until the sweep's driver ends this trial: Tune's experiment state then holds it as
+    unfinished (restored as pending: a rerun resumes it), not as completed or failed."""
+    threading.Event().wait()
+
+
+# ---------------------------------------------------------------- stopping on a signal
+
+
+def _stopping_key(sweep_name: str) -> bytes:
+    return f"stopping:{sweep_name}".encode()
+
+
+def _stopping(sweep_name: str) -> bool:
+    from ray.experimental import internal_kv
+
+    try:
+        key = _stopping_key(sweep_name)
+        return bool(internal_kv._internal_kv_get(key, namespace=SWEEP_KV_NAMESPACE))
+    except Exception:  # noqa: BLE001 - no flag readable: not stopping
+        return False
+
+
+class SweepStop:
+    """SIGTERM / SIGINT to `maskclip sweep`. The handler only notes the signal and starts a
+    thread, which marks the sweep as stopping (a trial starting now starts nothing), asks every
+    running trial's control actor to stop (its workers checkpoint at their next step, and the
+    trial then waits), waits until those runs have ended (at most `grace_s`), then sends Tune
+    its own interruption (SIGUSR1: Tune saves the experiment state and returns). Tune's SIGINT
+    handler is switched off: it would end the trials before their checkpoint. A second SIGINT
+    ends at once."""
+
+    def __init__(self, name: str, grace_s: float):
+        self.name, self.grace_s = name, grace_s
+        self.signum: int | None = None
+        self.asked: set[str] = set()  # run names asked to stop
+        self._old: dict = {}
+        self._done = threading.Event()
+
+    @property
+    def reason(self) -> StopReason:
+        return StopReason.INTERRUPT if self.signum == signal.SIGINT else StopReason.SIGNAL
+
+    def __enter__(self) -> SweepStop:
+        from ray.experimental import internal_kv
+
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        internal_kv._internal_kv_del(_stopping_key(self.name), namespace=SWEEP_KV_NAMESPACE)
+        if threading.current_thread() is threading.main_thread():
+            # SIGUSR1 ignored until Tune installs its handler (the default would kill us)
+            sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+            self._old = {sig: signal.getsignal(sig) for sig in sigs}
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: end now, no checkpoint
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        log.warning(
+            f"received signal {signum}: the running trials checkpoint and stop "
+            f"(at most {self.grace_s:g} s)"
+        )
+        threading.Thread(target=self._stop_trials, name="maskclip-sweep-stop", daemon=True).start()
+
+    def _exit_if_ray_is_gone(self) -> None:
+        """The local Ray this sweep started got the signal too (sent to the process group, as
+        `timeout` does): nothing can checkpoint now, and Ray's client would end the process
+        with a native stack trace once it gives up on the GCS. End with one line instead;
+        Tune's experiment state and the trials' last checkpoints are on storage."""
+        import sys
+
+        import ray
+
+        node = ray._private.worker._global_node
+        gcs = (node.all_processes.get("gcs_server") or []) if node is not None else []
+        if any(p.process is not None and p.process.poll() is not None for p in gcs):
+            print(
+                f"error: sweep {self.name} {self._why()}, and so was its local Ray: the running "
+                "trials could not checkpoint now; run the same command again to resume them "
+                "from their last checkpoints",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(self.reason.exit_code)
+
+    def _why(self) -> str:
+        return "interrupted" if self.reason == StopReason.INTERRUPT else "stopped by signal"
+
+    def _stop_trials(self) -> None:
+        import ray
+        from ray.experimental import internal_kv
+
+        prefix = f"{CONTROL_PREFIX}{self.name}-"
+        time.sleep(1.0)  # a signal to the whole process group reaches the local Ray too
+        self._exit_if_ray_is_gone()
+        try:
+            internal_kv._internal_kv_put(
+                _stopping_key(self.name), b"1", overwrite=True, namespace=SWEEP_KV_NAMESPACE
+            )
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline:
+                live = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]
+                for actor in live:
+                    run_name = actor[len(CONTROL_PREFIX) :].rsplit("-", 1)[0]
+                    if run_name not in self.asked:
+                        ray.get_actor(actor).request_stop.remote(self.reason)
+                        self.asked.add(run_name)
+                if not live:
+                    break
+                time.sleep(0.5)
+                self._exit_if_ray_is_gone()
+        except Exception as e:  # noqa: BLE001 - Tune is told to stop all the same
+            log.warning(f"could not ask every trial to checkpoint ({type(e).__name__}: {e})")
+        finally:
+            while not self._done.is_set():  # Tune's handler: installed once its loop starts
+                if callable(signal.getsignal(signal.SIGUSR1)):
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    break
+                time.sleep(0.2)
 
 
 # ---------------------------------------------------------------- search space and Tuner
@@ -154,6 +303,8 @@ def _find_parent(uri: str, experiment: str, name: str) -> str | None:
         if not found:
             return None
         client.update_run(found[0].info.run_id, status="RUNNING")
+        if STOPPED_TAG in found[0].data.tags:  # it is resuming: no longer stopped
+            client.delete_tag(found[0].info.run_id, STOPPED_TAG)
         return found[0].info.run_id
     except Exception:  # noqa: BLE001 - tracking never stops the sweep
         return None
@@ -287,6 +438,10 @@ def close_trial_run(uri: str, run, status: str, step: int | None) -> None:
     """Tag an early-stopped trial's run and end it if it is still RUNNING (its process was
     stopped before run_job could end it). Idempotent: the sweep's end repeats it for all."""
     tracker = Tracker(uri, run.info.run_id)
+    if status in ("completed", "early_stopped"):  # a trial stopped by a signal ran on since
+        for tag in (STOPPED_TAG, STOPPED_STEP_TAG):
+            if tag in run.data.tags:
+                tracker._guarded("tagging", "delete_tag", tag)
     if status == "early_stopped" and run.data.tags.get(EARLY_STOPPED_TAG) != "true":
         tracker.set_tag(EARLY_STOPPED_TAG, "true")
         if step is not None:
@@ -401,6 +556,53 @@ def plot(rows: list[TrialRow], sweep: SweepSection, path: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 
+def _stopped(stop: SweepStop, grid, uri: str | None, parent: str | None, where) -> None:
+    """After a signal: mark the stopped trials' MLflow runs (and the parent), then end with
+    one line. Runs that checkpointed were ended KILLED by run_job; runs Tune ended before
+    they could (still RUNNING) are closed here."""
+    from . import checkpoint as ckpt
+
+    names = set(stop.asked)
+    if uri and parent:
+        try:
+            client = _client(uri)
+            exp_id = client.get_run(parent).info.experiment_id
+            children = client.search_runs(
+                [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
+            )
+        except Exception as e:  # noqa: BLE001
+            log.warning(f"could not mark the stopped trials in MLflow ({type(e).__name__})")
+            children = []
+        for run in children:
+            run_name = run.data.tags.get(RUN_KEY_TAG, "")
+            if run_name not in names and run.info.status != "RUNNING":
+                continue
+            names.add(run_name)
+            tracker = Tracker(uri, run.info.run_id)
+            tracker.set_tag(STOPPED_TAG, stop.reason.value)
+            latest = ckpt.find_latest(where[0], run_name, where[1], verify=False)
+            if latest:
+                tracker.set_tag(STOPPED_STEP_TAG, str(latest[1]["step"]))
+            if run.info.status == "RUNNING":
+                tracker.end("KILLED")
+        tracker = Tracker(uri, parent)
+        tracker.set_tag(STOPPED_TAG, stop.reason.value)
+        tracker.end("KILLED")
+    done = sum(  # a stopped trial's last report is final too: it is not among these
+        1
+        for r in grid
+        if r.error is None
+        and (r.metrics or {}).get("final")
+        and f"{stop.name}-{(r.metrics or {}).get('trial_id') or _trial_id_from_path(r.path)}"
+        not in names
+    )
+    raise RunStopped(
+        stop.reason,
+        f"sweep {stop.name} {stop._why()}: {len(stop.asked)} running trial(s) checkpointed, "
+        f"{done} finished trial(s) kept; run the same command again to resume",
+    )
+
+
 def run_sweep(spec: JobSpec):
     """`maskclip sweep`: returns the Tune ResultGrid after logging and printing the summary."""
     sweep = validate_sweep(spec)  # before anything starts
@@ -474,7 +676,10 @@ def run_sweep(spec: JobSpec):
         f"sweep {name}: {sweep.search} search, scheduler {sweep.scheduler}, "
         f"metric {sweep.metric} ({mode}), {sweep.max_concurrent} trial(s) at a time"
     )
-    grid = tuner.fit()
+    with SweepStop(name, spec.cluster.stop_grace_s) as stop:
+        grid = tuner.fit()
+    if stop.signum is not None:
+        _stopped(stop, grid, uri, parent, (storage_path, fs))
 
     rows = collect(grid, sweep, name, storage_uri.startswith("s3://"))
     if uri and parent:
