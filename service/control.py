@@ -77,6 +77,17 @@ class RunControl:
         return self.stop_reason, self.detail
 
 
+CONTROL_PREFIX = "maskclip-control-"
+
+
+def control_name(run_name: str) -> str:
+    """The named control actor of `run_name`'s driver in this process (`maskclip sweep` finds
+    its trials' actors by the prefix)."""
+    import os
+
+    return f"{CONTROL_PREFIX}{run_name}-{os.getpid()}"
+
+
 def control_actor(name: str, create: bool = False):
     """The run's control actor; created on the driver's own node: on a cluster, a zero-CPU
     actor may land on any worker node, and the loss (or preemption) of that node would take the

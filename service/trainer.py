@@ -19,6 +19,7 @@ from maskclip.tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from . import data, terminal
 from .control import PREEMPTION_POLL_ENV, PREEMPTION_POLL_S, control_actor
+from .control import control_name as control_actor_name
 from .errors import DataError, RunStopped, SpecError, StopReason, UserError
 from .spec import JobSpec
 from .storage import Source, ensure_bucket, is_s3, resolve_source
@@ -285,7 +286,7 @@ def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fr
         if latest:
             tracker.set_tag("maskclip.resumed_from_step", str(latest[1]["step"]))
 
-    control_name = f"maskclip-control-{spec.run.name}-{os.getpid()}"
+    control_name = control_actor_name(spec.run.name)
     control = control_actor(control_name, create=True)
     datasets = {"train": data.build_dataset(train, spec, "train", tokenizer_json, control_name)}
     if val is not None and not is_s3(val.filesystem):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import terminal
+from .control import CONTROL_PREFIX
 from .errors import RunStopped, StopReason, UserError
 from .spec import JobSpec, apply_overrides, build_spec
 from .sweep_spec import SweepSection, override, validate_sweep
@@ -40,7 +41,6 @@ SWEEP_TAG = "maskclip.sweep"
 EARLY_STOPPED_TAG = "maskclip.early_stopped"
 STOPPED_TAG = "maskclip.stopped"  # signal | interrupt: stopped at a checkpoint, a rerun resumes
 STOPPED_STEP_TAG = "maskclip.stopped_checkpoint_step"
-CONTROL_PREFIX = "maskclip-control-"  # service.trainer names a run's control actor so
 SWEEP_KV_NAMESPACE = b"maskclip-sweep"
 TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
 
