@@ -367,6 +367,11 @@ def main() -> int:
     p.add_argument(
         "--dense-rows", type=int, default=2000, help="rows per split for the dense evaluation"
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the finished runs (evaluating any not yet evaluated)",
+    )
     args = p.parse_args()
 
     from service.spec import load_spec
@@ -415,6 +420,9 @@ def main() -> int:
             wall = None
             if read_final_step(run_dir) == steps:
                 print(f"{name}: finished run found in {run_dir}; reusing it", flush=True)
+            elif args.report_only:
+                failures.append(f"{name}: not run (--report-only and no finished run)")
+                continue
             else:
                 rc, wall = run(cmd, work / "logs" / f"{name}.train.log")
                 if rc != 0:
