@@ -414,14 +414,20 @@ def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (max if mode == "max" else min)(done, key=lambda r: r.value)
 
 
+def _trial_runs(uri: str, parent: str):
+    """(MlflowClient, the sweep parent run's child runs): the trials' MLflow runs."""
+    client = _client(uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    children = client.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
+    )
+    return client, children
+
+
 def reconcile_runs(uri: str, parent: str, rows: list[TrialRow]) -> None:
     """Find each trial's MLflow run; tag ASHA-stopped ones and close runs left RUNNING."""
     try:
-        client = _client(uri)
-        exp_id = client.get_run(parent).info.experiment_id
-        children = client.search_runs(
-            [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
-        )
+        client, children = _trial_runs(uri, parent)
     except Exception as e:  # noqa: BLE001
         log.warning(f"could not read the trial runs from MLflow ({type(e).__name__})")
         return
@@ -565,11 +571,7 @@ def _stopped(stop: SweepStop, grid, uri: str | None, parent: str | None, where) 
     names = set(stop.asked)
     if uri and parent:
         try:
-            client = _client(uri)
-            exp_id = client.get_run(parent).info.experiment_id
-            children = client.search_runs(
-                [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000
-            )
+            client, children = _trial_runs(uri, parent)
         except Exception as e:  # noqa: BLE001
             log.warning(f"could not mark the stopped trials in MLflow ({type(e).__name__})")
             children = []
