@@ -130,6 +130,11 @@ class _RayHandler(logging.Handler):
 _RAY_HANDLER = _RayHandler()
 
 
+def to_ray_log(text: str) -> None:
+    """Append `text` to the run's ray.log (nothing before a run routes Ray's lines there)."""
+    _to_ray_file(text)
+
+
 def _to_ray_file(text: str) -> None:
     f = _state["ray_file"]
     if f is None:

@@ -364,6 +364,7 @@ def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fr
         ray.kill(control)
         latest = ckpt.find_latest(storage_path, spec.run.name, fs, verify=False)
         where = f"the checkpoint at step {latest[1]['step']}" if latest else "no checkpoint yet"
+        terminal.to_ray_log(f"training failed; the failures Ray reported:\n{_all_errors(e)}")
         raise RunStopped(
             StopReason.FAILED,
             f"training failed after {spec.checkpoint.max_failures} restart(s) "
@@ -430,12 +431,32 @@ def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fr
 
 
 def _last_error(e: Exception) -> str:
-    """One line on what failed: the last line of a worker's own exception when Ray names one."""
+    """One line on what failed: the innermost exception of a worker's failure. Ray passes a
+    task's error on as text: a data task's traceback, then "The above exception was the direct
+    cause ..." and Ray Data's own exception with a retry hint; the line that names the first
+    exception is the one before that sentence (else the text's last line)."""
     failures = getattr(e, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or getattr(e, "controller_failure", None) or e
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""  # a worker's traceback ends with "Type: message"
+    lines = [ln.strip() for ln in str(cause).splitlines()]
+    if _CHAINED in lines:
+        inner = [ln for ln in lines[: lines.index(_CHAINED)] if ln]
+        if inner:
+            return inner[-1][:300]  # "AttributeError: ..." as Python printed it
+    text = next((ln for ln in reversed(lines) if ln), "")
     return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__
+
+
+_CHAINED = "The above exception was the direct cause of the following exception:"
+
+
+def _all_errors(e: Exception) -> str:
+    """Every worker's failure (Ray's text, with the worker's traceback) for the run's ray.log."""
+    failures = getattr(e, "worker_failures", None) or {}
+    parts = [f"worker {rank}: {err}" for rank, err in failures.items()]
+    controller = getattr(e, "controller_failure", None)
+    if controller is not None:
+        parts.append(f"controller: {controller}")
+    return "\n".join(parts) or str(e)
 
 
 def _fit_keeping_signals(trainer):

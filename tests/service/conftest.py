@@ -137,3 +137,19 @@ def make_spec(synth_parquet: str, tmp_path):
         return build_spec(_merge(base, sections))
 
     return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran `maskclip run` shows the end of each run's ray.log in its report
+    (CI keeps only the report: a worker's traceback lives in that file)."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
+    if report.when != "call" or not report.failed or tmp is None:
+        return
+    from pathlib import Path
+
+    for log in sorted(Path(tmp).glob("**/ray.log"))[:3]:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        report.sections.append((f"end of {log}", "\n".join(lines[-80:])))

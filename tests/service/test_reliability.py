@@ -450,3 +450,23 @@ def test_a_checkpoint_write_that_runs_out_of_space_ends_with_one_line_and_resume
     out = capsys.readouterr().out
     assert "resuming t from checkpoint at step 4" in out
     assert max(_checkpoint_steps(tmp_path / "runs" / "checkpoints")) == 8
+
+
+def test_a_failed_run_names_the_data_tasks_own_error_not_rays_retry_hint(ray_local):
+    """A real Ray Data task failure, as a training worker reports it: the run's one error line
+    names the task's own exception (Ray appends Ray Data's exception and a retry hint after it,
+    which is all the line used to show)."""
+    import types
+
+    import ray.data
+
+    from service.trainer import _last_error
+
+    def broken(batch):
+        raise AttributeError("'Frame' object has no attribute 'draft'")
+
+    with pytest.raises(Exception) as info:
+        ray.data.range(4).map_batches(broken).take_all()
+    assert "retry attempts" in str(info.value)  # what the line showed before
+    failure = types.SimpleNamespace(worker_failures={0: info.value})
+    assert _last_error(failure) == "AttributeError: 'Frame' object has no attribute 'draft'"
