@@ -183,15 +183,21 @@ def total_steps(spec: JobSpec, train: Source) -> int:
     return max(1, spec.optim.epochs * (train.num_rows() // per_step))
 
 
+INGEST_BATCHES_AHEAD = 32
+
+
 def ingest_options(spec: JobSpec):
-    """Keep decoding a few batches ahead of training, not the whole object store ahead: on a
-    small machine decode tasks running far ahead take CPU from the training step."""
+    """Keep decoding some batches ahead of training, not the whole object store ahead: on a
+    small machine decode tasks running far ahead take CPU from the training step. The budget is
+    INGEST_BATCHES_AHEAD uint8 batches per worker, at least 64 MB (the same bytes as the 8
+    float32 batches it held before decoding went to uint8; service.data.TARGET_BLOCK_BYTES was
+    measured against it)."""
     from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
-    batch_bytes = spec.optim.batch_size * 3 * spec.image_size**2 * 4
-    budget = max(64 * 1024**2, 8 * batch_bytes * spec.scaling.num_workers)
+    batch_bytes = spec.optim.batch_size * 3 * spec.image_size**2  # uint8 images
+    budget = max(64 * 1024**2, INGEST_BATCHES_AHEAD * batch_bytes * spec.scaling.num_workers)
     limits = options.resource_limits or ExecutionResources()
     options.resource_limits = limits.copy(object_store_memory=budget)
     return options
