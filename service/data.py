@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,38 @@ def sample_captions(source: Source, n: int, max_chars: int, column: str = "capti
 # ---------------------------------------------------------------- the dataset
 
 
+TORCH_HALF_IMPORTED_EXIT = 75
+"""Exit status of a worker process that ends itself because torch is half imported in it."""
+
+
+def import_torch():
+    """`import torch`, or end this worker process when an earlier import in it was cut short.
+
+    Ray cancels the running tasks of a Data execution (a KeyboardInterrupt inside the task) when
+    it tears the execution down, e.g. after a training worker died. A decode task cancelled
+    inside its first `import torch` leaves torch's native extension loaded and half of its
+    modules registered, and every later `import torch` in that process fails
+    ("AttributeError: partially initialized module 'torch'..." or "RuntimeError: ... registered
+    at torch/_prims/__init__.py"). Ray reuses task worker processes, so each later decode task
+    that landed there failed: in CI a run started after the worker-kill test ended with
+    "training failed after 2 restart(s)" (2026-12-02). Such a process cannot recover, so it
+    exits, and Ray runs the task again in a new worker (Ray Data's tasks retry worker deaths
+    without limit: max_retries=-1 in ray.data._internal.remote_fn, Ray 2.60). A first import
+    that fails for any other reason raises as usual, so a broken install is not retried forever.
+    """
+    if "torch" not in sys.modules and "torch._C" in sys.modules:
+        print(
+            f"maskclip: worker process {os.getpid()} holds a half-imported torch (an earlier "
+            "import was cancelled); ending it so Ray reruns the task in a new worker",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(TORCH_HALF_IMPORTED_EXIT)
+    import torch
+
+    return torch
+
+
 class DecodeBatch:
     """Decode + transform images, tokenize captions, drop bad rows (counted per reason).
 
@@ -108,7 +141,7 @@ class DecodeBatch:
         status_column: str | None = None,
         draft: bool = True,
     ):
-        import torch
+        torch = import_torch()
 
         from maskclip.tokenizer import Tokenizer
         from maskclip.transforms import draft_min_side, eval_transform, train_transform

@@ -603,3 +603,73 @@ def test_decode_benchmark_bare_arm_is_the_pipelines_decode(tokenizer, source, de
         (out,) = decoder(cols)
         assert out["image"].shape == (6, 3, 224, 224) and out["image"].dtype == np.uint8
         assert bench.bare_decode(decoder, [cols]) > 0
+
+
+def test_a_worker_whose_torch_import_was_cut_short_is_replaced_and_the_rows_decode(
+    ray_local, tokenizer, tmp_path
+):
+    """A real Ray Data execution whose decode task lands in a worker where an earlier
+    `import torch` was cut short (as Ray's cancel does: a KeyboardInterrupt part way, injected
+    here at torch._meta_registrations): the worker ends itself, Ray reruns the task in a new
+    one, and every row decodes. Before, the task failed with "partially initialized module
+    'torch'" and so did the run."""
+    import os
+    import sys
+
+    import ray.data
+
+    marker = tmp_path / "poisoned-pid"
+
+    def cut_torch_import_short():
+        import importlib.abc
+
+        class Interrupt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch._meta_registrations":
+                    raise KeyboardInterrupt
+                return None
+
+        assert "torch" not in sys.modules, "this worker had torch already: nothing to cut short"
+        finder = Interrupt()
+        sys.meta_path.insert(0, finder)
+        try:
+            import torch  # noqa: F401
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.meta_path.remove(finder)
+        assert "torch" not in sys.modules and "torch._C" in sys.modules
+
+    def decode_after_a_cut_short_import(batch, **kwargs):
+        if not marker.exists():  # the first attempt only
+            marker.write_text(str(os.getpid()))
+            cut_torch_import_short()
+        for out in D.decode_batch(batch, **kwargs):
+            yield {**out, "pid": np.full(len(out["image"]), os.getpid())}
+
+    records = generate(24, image_size=20, seed=3)
+    ds = ray.data.from_items([{"jpg": r["jpg"], "caption": r["caption"]} for r in records])
+    rows_out = ds.map_batches(
+        decode_after_a_cut_short_import,
+        fn_kwargs=dict(
+            image_column="jpg",
+            caption_column="caption",
+            label_column=None,
+            tokenizer_json=tokenizer.to_json(),
+            image_size=16,
+            train=False,
+            max_pixels=10_000,
+            max_caption_chars=50,
+            stats_actor_name=None,
+            keep_caption=False,
+        ),
+        batch_size=None,
+        # workers of their own (none has imported torch yet), one task at a time
+        runtime_env={"env_vars": {"MASKCLIP_TEST_WORKERS": uuid.uuid4().hex}},
+        compute=ray.data.TaskPoolStrategy(size=1),
+    ).take_all()
+    poisoned = int(marker.read_text())
+    assert len(rows_out) == 24
+    assert {int(r["pid"]) for r in rows_out}.isdisjoint({poisoned})
+    with pytest.raises(ProcessLookupError):
+        os.kill(poisoned, 0)  # the poisoned worker is gone
