@@ -786,6 +786,35 @@ def _split_or_test(uri, storage, endpoint_url: str | None):
     return uri
 
 
+def dense_sources(spec) -> dict:
+    """The dense folders in-loop validation will read, resolved now: data.dense_probe's train/
+    and its data.dense_probe_split folder, data.zero_shot_seg (its test/ when it is a root),
+    each listed (service.storage.resolve_source) and checked to hold the image and `mask`
+    columns and a classes.txt. `maskclip run` and `maskclip sweep` call this before Ray starts,
+    so a missing folder is one line (`data.dense_probe (val/): no such file or directory ...`,
+    a DataError, exit 2), not a worker's failure at the first validation. {label: Source}."""
+    from maskclip.dense import MASK_COLUMN
+
+    from .storage import resolve_source
+
+    d = spec.data
+    wanted: dict[str, str] = {}
+    if d.dense_probe:
+        for split in ("train", d.dense_probe_split):
+            wanted[f"data.dense_probe ({split}/)"] = _join(d.dense_probe, split)
+    if d.zero_shot_seg:
+        seg = _split_or_test(d.zero_shot_seg, spec.storage, None)
+        label = "data.zero_shot_seg" if seg == d.zero_shot_seg else "data.zero_shot_seg (test/)"
+        wanted[label] = seg
+    found = {}
+    for label, uri in wanted.items():
+        source = resolve_source(uri, spec.storage, label)
+        source.require([d.image_column, MASK_COLUMN])
+        read_classes(source)
+        found[label] = source
+    return found
+
+
 def _segmentation_details(out: dict, classes: list[str]) -> dict:
     """The JSON-able part of a dense result: per-class IoU (None where absent) and the
     confusion matrix."""
@@ -836,6 +865,7 @@ def evaluate_model(
     retrieval=None,
     linear_probe: str | None = None,
     dense_probe=None,
+    dense_probe_split: str = "test",
     zero_shot_seg=None,
     dense_baselines: tuple[str, ...] | list[str] = (),
     dense_blocks: int | None = None,
@@ -860,8 +890,10 @@ def evaluate_model(
     eval mode, on `device` (default: where it is), and put back in the mode it was in.
 
     dense_probe: a dense-labelled root (maskclip.dense: `mask` column, classes.txt beside the
-    shards) with train/ and test/: `maskclip.evaluate.dense_probe` on the final-layer patch
-    tokens (train capped like the linear probe) -> dense_probe_miou, dense_probe_pixel_accuracy.
+    shards) with train/ and `dense_probe_split`/ (default test/; in-loop validation passes
+    data.dense_probe_split): `maskclip.evaluate.dense_probe` fitted on the final-layer patch
+    tokens of train/ (capped like the linear probe), scored on the split -> dense_probe_miou,
+    dense_probe_pixel_accuracy; rows dense_probe_train and dense_probe_<split>.
     dense_baselines ("pixels", "random"): the same probe on patch pixels / on a random-init model
     of the same config -> dense_probe_pixels_miou, ..., dense_probe_random_pixel_accuracy.
     zero_shot_seg: a dense-labelled split folder, or a root whose test/ is used: patch tokens
@@ -887,6 +919,10 @@ def evaluate_model(
         raise UserError(f"dense baseline {unknown[0]!r}: choose from {', '.join(DENSE_BASELINES)}")
     if baselines and not dense_probe:
         raise UserError("dense baselines are dense-probe numbers: give dense_probe data too")
+    if dense_probe and dense_probe_split == "train":
+        raise UserError(
+            "dense probe split 'train': the probe is fitted there; score a held-out one"
+        )
     from maskclip.templates import templates as template_list
 
     try:
@@ -961,6 +997,7 @@ def evaluate_model(
                 baselines,
                 prompts,
                 src,
+                probe_split=dense_probe_split,
                 blocks=dense_blocks,
                 columns=columns,
                 max_rows=max_rows,
@@ -985,6 +1022,7 @@ def _evaluate_dense(
     prompts: list[str],
     src,
     *,
+    probe_split: str = "test",
     blocks: int | None = None,
     columns: Columns,
     max_rows: int | None,
@@ -995,7 +1033,8 @@ def _evaluate_dense(
     endpoint_url: str | None = None,
 ) -> None:
     """The dense part of `evaluate_model`: fills out.metrics / rows / skipped / dense /
-    examples. The test split is encoded once when the zero-shot seg folder is the probe's."""
+    examples. The probe is fitted on `dense_probe`/train and scored on `dense_probe`/
+    `probe_split`; that split is encoded once when the zero-shot seg folder is the same one."""
 
     def encode(source, cap, **kw) -> DenseSplit:
         split = encode_dense_source(
@@ -1013,9 +1052,9 @@ def _evaluate_dense(
         return split
 
     seg_uri = _split_or_test(zero_shot_seg, storage, endpoint_url) if zero_shot_seg else None
-    probe_test = _join(dense_probe, "test") if isinstance(dense_probe, str) else None
-    shared = seg_uri is not None and isinstance(seg_uri, str) and probe_test is not None
-    shared = shared and seg_uri.rstrip("/") == probe_test.rstrip("/")
+    scored = _join(dense_probe, probe_split) if dense_probe else None
+    shared = seg_uri is not None and isinstance(seg_uri, str) and scored is not None
+    shared = shared and seg_uri.rstrip("/") == scored.rstrip("/")
     details: dict[str, Any] = {}
     examples: dict[str, dict] = {}
 
@@ -1034,7 +1073,7 @@ def _evaluate_dense(
 
     if dense_probe:
         train_src = src(_join(dense_probe, "train"), "dense-probe train")
-        test_src = src(probe_test or _join(dense_probe, "test"), "dense-probe test")
+        test_src = src(scored, f"dense-probe {probe_split}")
         train = encode(train_src, probe_rows or max_rows, baselines=baselines)
         test = encode(test_src, max_rows, baselines=baselines, project=shared)
         results = _dense_probe(train, test)
@@ -1047,7 +1086,7 @@ def _evaluate_dense(
         details["dense_probe"]["train_patches"] = results["tokens"]["train_patches"]
         details["classes"] = test.classes
         out.rows["dense_probe_train"] = len(train.masks)
-        out.rows["dense_probe_test"] = len(test.masks)
+        out.rows[f"dense_probe_{probe_split}"] = len(test.masks)
     if zero_shot_seg:
         if shared:
             seg, key = test, "dense_probe"
@@ -1070,10 +1109,12 @@ def _evaluate_dense(
 def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
     """In-loop validation on `data.val` (read with pyarrow, not Ray Data): zero-shot when it has
     the label column, and retrieval, with the spec's templates and columns; plus the dense probe
-    on `data.dense_probe` and zero-shot segmentation on `data.zero_shot_seg` when set. The same
-    call as `maskclip eval CKPT --zero-shot VAL --retrieval VAL [--dense-probe DIR]
-    [--zero-shot-seg DIR]` on the saved model. Metrics are prefixed `val_` and named as in MLflow
-    and sweep.metric (`val_image_to_text_R1`, `val_dense_probe_miou`); {} without any data.
+    on `data.dense_probe` (scored on its `data.dense_probe_split` folder) and zero-shot
+    segmentation on `data.zero_shot_seg` when set. The same call as `maskclip eval CKPT
+    --zero-shot VAL --retrieval VAL [--dense-probe DIR] [--zero-shot-seg DIR]` on the saved
+    model (eval's probe scores DIR/test: the same numbers when dense_probe_split is test).
+    Metrics are prefixed `val_` and named as in MLflow and sweep.metric (`val_image_to_text_R1`,
+    `val_dense_probe_miou`); {} without any data.
     """
     d = spec.data
     if d.val is None and not (d.dense_probe or d.zero_shot_seg):
@@ -1086,6 +1127,7 @@ def validate(spec, model, tokenizer, device=None) -> dict[str, float]:
         zero_shot=source if has_labels else None,
         retrieval=source,
         dense_probe=d.dense_probe,
+        dense_probe_split=d.dense_probe_split,
         zero_shot_seg=d.zero_shot_seg,
         templates=d.templates,
         device=device,

@@ -192,8 +192,13 @@ class DataSection(Section):
     """Optional validation shards (with a label column: zero-shot + retrieval)."""
     dense_probe: str | None = None
     """Optional dense-labelled root (`mask` column, classes.txt beside the shards) with train/
-    and test/: validation adds the linear probe on patch tokens (val_dense_probe_miou,
-    val_dense_probe_pixel_accuracy), as `maskclip eval --dense-probe`."""
+    and the dense_probe_split folder: validation adds the linear probe on patch tokens, fitted
+    on train/ and scored on that split (val_dense_probe_miou, val_dense_probe_pixel_accuracy),
+    as `maskclip eval --dense-probe` (which scores test/)."""
+    dense_probe_split: str = Field("test", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    """The folder under data.dense_probe that the in-loop probe is scored on (it is fitted on
+    train/). A sweep that chooses by val_dense_probe_* should name a held-out split here (`val`,
+    from `maskclip data convert --fashion-mnist --val-rows N`) and leave test/ for the report."""
     zero_shot_seg: str | None = None
     """Optional dense-labelled split folder (or a root whose test/ is used): validation adds
     zero-shot segmentation with the class prompts (val_zero_shot_seg_miou, ..._pixel_accuracy),
@@ -220,6 +225,13 @@ class DataSection(Section):
     """Zero-shot prompts for validation (and `maskclip eval` of this run's checkpoints): a set
     of maskclip.templates (default, shapes, fashion-mnist) or a list of templates, each with one
     {} for the class name."""
+
+    @field_validator("dense_probe_split")
+    @classmethod
+    def _held_out(cls, v: str) -> str:
+        if v == "train":
+            raise ValueError("the probe is fitted on train/; score it on a held-out split (val)")
+        return v
 
     @field_validator("templates")
     @classmethod

@@ -21,6 +21,7 @@ from . import data, terminal
 from .control import PREEMPTION_POLL_ENV, PREEMPTION_POLL_S, control_actor
 from .control import control_name as control_actor_name
 from .errors import DataError, RunStopped, SpecError, StopReason, UserError
+from .evaluation import dense_sources
 from .spec import JobSpec
 from .storage import Source, ensure_bucket, is_s3, resolve_source
 from .tracking import Tracker, flatten, log_datasets, register_best, start_run
@@ -218,6 +219,7 @@ def run_job(
     val = resolve_source(spec.data.val, spec.storage, "data.val") if spec.data.val else None
     if val is not None:
         val.require(columns)
+    dense_sources(spec)  # data.dense_probe's train/ and scored split, data.zero_shot_seg
     where = storage(spec)  # a missing bucket fails here
     with ckpt.Lease(where[0], spec.run.name, where[1]):
         return _run_job(spec, where, train, val, tune_callbacks, parent_run_id, fresh)

@@ -608,6 +608,9 @@ def _stopped(stop: SweepStop, grid, uri: str | None, parent: str | None, where) 
 def run_sweep(spec: JobSpec):
     """`maskclip sweep`: returns the Tune ResultGrid after logging and printing the summary."""
     sweep = validate_sweep(spec)  # before anything starts
+    from .evaluation import dense_sources
+
+    dense_sources(spec)  # a missing dense folder is one line here, not every trial's failure
     import ray.tune
     from ray.tune import TuneConfig, Tuner
 

@@ -64,10 +64,12 @@ def make_dense_dataset(
     objects: int = 2,
     seed: int = 0,
     rows_per_shard: int = 1000,
+    val_rows: int = 0,
 ):
     """A small dense-labelled dataset (maskclip.dense format) of multi-object shape scenes:
-    `root/dense/train` (`rows` rows) and `root/dense/test` (`test_rows`, default `rows`; the
-    indexes after train's), each with a `mask` column and classes.txt (background + SHAPES).
+    `root/dense/train` (`rows` rows), `root/dense/val` (`val_rows`, when given: the indexes after
+    train's) and `root/dense/test` (`test_rows`, default `rows`; the indexes after those), each
+    with a `mask` column and classes.txt (background + SHAPES).
     Deterministic in (seed, image_size, objects). Returns the folder (a Path) holding train/ and
     test/, as `--dense-probe DIR` / `--zero-shot-seg DIR` take it."""
     from pathlib import Path
@@ -81,6 +83,7 @@ def make_dense_dataset(
         image_size=image_size,
         seed=seed,
         rows_per_shard=rows_per_shard,
+        val_rows=val_rows,
         test_rows=rows if test_rows is None else test_rows,
         objects=objects,
         progress=False,

@@ -17,6 +17,7 @@ from maskclip.tokenizer import Tokenizer
 from service import checkpoint as ckpt
 from service.cli import main
 from service.datasets import write_shards
+from service.errors import SpecError
 from service.evaluation import evaluate, resolve_checkpoint
 from service.spec import build_spec
 
@@ -719,6 +720,49 @@ def test_dense_from_s3_equals_local(world, dense_root, s3_bucket):
     uri = f"s3://{s3_bucket}/dense"
     remote = evaluate_model(model, tok, dense_probe=uri, zero_shot_seg=uri, **kw)
     assert remote.metrics == local.metrics and remote.rows == local.rows
+
+
+def test_in_loop_dense_probe_scores_the_split_the_spec_names(world, tmp_path):
+    """data.dense_probe_split names the folder in-loop validation scores the probe on (fitted on
+    train/ either way): with val/ (5 rows) and test/ (8 other rows) under one root, `validate`
+    with split val gives exactly the numbers of a root whose test/ is a copy of that val/, and
+    not the test/ numbers; the default (test) gives those. `maskclip eval` scores test/."""
+    from service.evaluation import evaluate_model, validate
+    from tests.service.data_fixtures import make_dense_dataset
+
+    root = make_dense_dataset(tmp_path, rows=16, val_rows=5, test_rows=8)
+    twin = tmp_path / "twin"  # the same train/, and test/ = root's val/
+    shutil.copytree(root / "train", twin / "train")
+    shutil.copytree(root / "val", twin / "test")
+    model, tok = world["task"].student, world["tok"]
+
+    def spec(**data):
+        doc = world["spec"].model_dump(mode="json")
+        doc["data"].update(dense_probe=str(root), **data)
+        return build_spec(doc)
+
+    on_val = evaluate_model(model, tok, dense_probe=str(root), dense_probe_split="val")
+    assert on_val.rows == {"dense_probe_train": 16, "dense_probe_val": 5}
+    copied = evaluate_model(model, tok, dense_probe=str(twin))
+    assert copied.rows == {"dense_probe_train": 16, "dense_probe_test": 5}
+    assert copied.metrics == on_val.metrics  # val/ really is what was scored
+    on_test = evaluate_model(model, tok, dense_probe=str(root))
+    assert on_test.rows == {"dense_probe_train": 16, "dense_probe_test": 8}
+    assert on_test.metrics != on_val.metrics
+
+    cpu = torch.device("cpu")
+    in_loop = validate(spec(dense_probe_split="val"), model, tok, cpu)
+    assert in_loop == {f"val_{k}": v for k, v in on_val.metrics.items()}
+    assert set(in_loop) == {"val_dense_probe_miou", "val_dense_probe_pixel_accuracy"}
+    assert spec().data.dense_probe_split == "test"
+    assert validate(spec(), model, tok, cpu) == {f"val_{k}": v for k, v in on_test.metrics.items()}
+    # the split the probe is fitted on cannot be the one it is scored on
+    with pytest.raises(SpecError) as e:
+        spec(dense_probe_split="train")
+    assert e.value.lines == [
+        "data.dense_probe_split: the probe is fitted on train/; score it on a held-out split "
+        "(val) (got 'train')"
+    ]
 
 
 def test_sweep_can_rank_trials_by_dense_miou(world, dense_root):

@@ -303,3 +303,38 @@ def test_bad_datasets_fail_fast_with_one_line(tmp_path, capsys):
         errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], errors
         assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+def test_dense_validation_folders_are_checked_before_ray_starts(synth_parquet, tmp_path, capsys):
+    """data.dense_probe_split: val on a dense root with only train/ and test/: `maskclip run`
+    (and `maskclip sweep`) stop with one line naming the folder, exit 2, before any run folder,
+    checkpoint storage or Ray process, instead of failing in a worker at the first validation."""
+    import ray
+
+    from tests.service.data_fixtures import make_dense_dataset
+
+    dense = make_dense_dataset(tmp_path, rows=2, test_rows=2)  # train/ and test/, no val/
+    data = {"train": synth_parquet, "dense_probe": str(dense), "dense_probe_split": "val"}
+    job = write_job(tmp_path, data=data, tracking={"enabled": False})
+    ray_was_up = ray.is_initialized()
+    message = f"error: data.dense_probe (val/): no such file or directory '{dense}/val'"
+    assert main(["run", job]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert errors == [message]
+    sweep = {"parameters": {"model.mask_ratio": {"uniform": [0.5, 0.8]}}, "metric": "loss"}
+    job = write_job(tmp_path, data=data, tracking={"enabled": False}, sweep=sweep)
+    assert main(["sweep", job]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert errors == [message]
+    assert not (tmp_path / "runs").exists()  # no run folder, no checkpoint storage
+    assert ray.is_initialized() == ray_was_up  # no Ray started here
+    # once val/ is there, the same check passes: it resolves train/ and val/
+    from service.evaluation import dense_sources
+    from service.spec import load_spec
+
+    (dense / "test").rename(dense / "val")
+    found = dense_sources(load_spec(job))
+    assert {k: v.uri for k, v in found.items()} == {
+        "data.dense_probe (train/)": f"{dense}/train",
+        "data.dense_probe (val/)": f"{dense}/val",
+    }
