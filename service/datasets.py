@@ -77,6 +77,8 @@ _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_FASHION_VAL_STREAM = 2
+"""The val split's RNG stream (train 0 and test 1 are their places in _FASHION_FILES)."""
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -734,6 +736,7 @@ def convert_fashion_mnist(
     seed: int = 0,
     *,
     mosaic: int = 0,
+    val_rows: int = 0,
     quality: int = 95,
     endpoint_url: str | None = None,
     region: str | None = None,
@@ -755,6 +758,12 @@ def convert_fashion_mnist(
     its place ("a sneaker at the top left, a bag at the top right, ..."), and label = the top-left
     item's class. A split has len(split) // k² rows; `limit` caps the rows (reading only the
     first limit * k² items).
+
+    `val_rows` = N: also `out/val`, the last N rows of the train file (N * k² items with
+    `mosaic`), held out of `out/train`, which gets the rest: a split to choose settings on
+    (data.dense_probe_split: val) that leaves test/ untouched. Each split draws from its own
+    seeded stream (train 0, test 1, val 2), so train/ is the same rows as without val_rows, less
+    its last N, and test/ does not change. `limit` caps val too (its first rows).
     """
     from PIL import Image
 
@@ -775,20 +784,36 @@ def convert_fashion_mnist(
             f"image_size {image_size} does not split into {mosaic}x{mosaic} cells of at least "
             f"8 px (use a multiple of {mosaic}, at least {8 * mosaic})"
         )
+    if val_rows < 0:
+        raise UserError(f"val_rows must not be negative (got {val_rows})")
     per_row = mosaic * mosaic if mosaic > 1 else 1
-    result = {}
+    items = None if limit is None else limit * per_row
+    splits = {}  # split -> (images, labels, RNG stream id), in the order written
     for split_id, (split, (images_stem, labels_stem)) in enumerate(_FASHION_FILES.items()):
-        items = None if limit is None else limit * per_row
-        images = read_idx(_find_idx(source, images_stem), items)
-        labels = read_idx(_find_idx(source, labels_stem), items)
+        held = val_rows if split == "train" else 0
+        n = None if items is None or held else items  # the val rows are the file's last ones
+        images = read_idx(_find_idx(source, images_stem), n)
+        labels = read_idx(_find_idx(source, labels_stem), n)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(
                 f"fashion-mnist: {split}: {images.shape} images do not match {labels.shape} labels"
             )
+        if held:
+            rows = len(images) // per_row
+            if held >= rows:
+                raise UserError(f"val_rows {held}: the {split} split has only {rows} rows")
+            cut = len(images) - held * per_row
+            splits[split] = (images[:cut][:items], labels[:cut][:items], split_id)
+            splits["val"] = (images[cut:][:items], labels[cut:][:items], _FASHION_VAL_STREAM)
+        else:
+            splits[split] = (images, labels, split_id)
+    for split, (_, labels, _) in splits.items():
         bad_label = np.flatnonzero(labels >= len(FASHION_MNIST_CLASSES))
         if len(bad_label):
             i = int(bad_label[0])
             raise UserError(f"fashion-mnist: {split} row {i}: label {labels[i]} out of range")
+    result = {}
+    for split, (images, labels, split_id) in splits.items():
         if per_row > 1:
             result[split] = write_shards(
                 _mosaic_rows(images, labels, mosaic, image_size, [seed, split_id], split, quality),

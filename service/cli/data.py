@@ -5,6 +5,7 @@ maskclip data synth --out data/scenes --rows 5000 --test-rows 1000 --objects 3 -
 maskclip data convert --images photos/ --captions captions.csv --out s3://bucket/photos
 maskclip data convert --images photos/ --masks masks/ [--classes classes.txt] --out data/seg
 maskclip data convert --fashion-mnist --out data/fmnist [--limit 2000]
+maskclip data convert --fashion-mnist --val-rows 5000 --out data/fmnist-val
 maskclip data convert --fashion-mnist --mosaic 2 --image-size 64 --out data/fmnist-mosaic
 maskclip data inspect data/shapes
 """
@@ -80,8 +81,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(
             "--masks/--classes are for --images; Fashion-MNIST masks come with --mosaic"
         )
-    if not args.fashion_mnist and args.mosaic:
-        raise UserError("--mosaic is for --fashion-mnist")
+    given = [flag for flag, v in (("--mosaic", args.mosaic), ("--val-rows", args.val_rows)) if v]
+    if not args.fashion_mnist and given:
+        raise UserError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --fashion-mnist"
+        )
     if args.fashion_mnist:
         stats = datasets.convert_fashion_mnist(
             args.out,
@@ -90,6 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             limit=args.limit,
             seed=args.seed,
             mosaic=args.mosaic,
+            val_rows=args.val_rows,
             **common,
         )
     else:
@@ -145,7 +150,7 @@ def register(subparsers) -> None:
         "convert",
         help="a folder of captioned images, or Fashion-MNIST, to Parquet shards",
         description="--images DIR [--captions CSV|JSONL] (sidecar .txt captions when omitted), "
-        "or --fashion-mnist (writes OUT/train and OUT/test)",
+        "or --fashion-mnist (writes OUT/train and OUT/test, and OUT/val with --val-rows)",
     )
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of images")
@@ -184,6 +189,14 @@ def register(subparsers) -> None:
         metavar="K",
         help="Fashion-MNIST: K x K items per image (2 or 3), each resized to IMAGE_SIZE/K, with a "
         "per-pixel class `mask` column and classes.txt (dense labels)",
+    )
+    c.add_argument(
+        "--val-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Fashion-MNIST: also write OUT/val, the last N rows of the train file (OUT/train "
+        "gets the rest): choose settings on val/, report on the untouched test/",
     )
     c.add_argument("--limit", type=int, default=None, help="at most N rows (per split)")
     _write_args(c)

@@ -434,6 +434,84 @@ def test_convert_fashion_mnist_mosaic(tmp_path, capsys):
         datasets.convert_fashion_mnist(str(tmp_path / "x"), mosaic=2, image_size=31, limit=1)
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    head = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(d: Path, train: int, test: int) -> dict[str, np.ndarray]:
+    """Fashion-MNIST's four idx files with `train` / `test` items; item i of a file is a flat
+    28x28 square of intensity 10 + 5 i (so a decoded row tells which item it was) and label
+    i % 10. Returns the labels of each file."""
+    d.mkdir(parents=True)
+    labels = {}
+    for split, n in (("train", train), ("t10k", test)):
+        levels = 10 + 5 * np.arange(n)
+        _write_idx(
+            d / f"{split}-images-idx3-ubyte.gz", np.repeat(levels, 28 * 28).reshape(n, 28, 28)
+        )
+        labels[split] = np.arange(n) % 10
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels[split])
+    return labels
+
+
+def _items(table: pa.Table) -> list[int]:
+    """Which fake item each row is (its decoded grey level)."""
+    return [
+        round((np.asarray(_decodes(b).convert("L"), dtype=np.float32).mean() - 10) / 5)
+        for b in table.column("jpg").to_pylist()
+    ]
+
+
+def test_convert_fashion_mnist_holds_out_a_val_split(tmp_path, capsys):
+    """--val-rows N: val/ is the last N rows of the train file, train/ the rows before them
+    (the same rows, captions and keys as without --val-rows), test/ unchanged."""
+    src = tmp_path / "src"
+    labels = _fake_fashion_mnist(src, train=30, test=12)
+    out, plain = tmp_path / "fm", tmp_path / "plain"
+    argv = ["data", "convert", "--fashion-mnist", "--source", str(src), "--image-size", "28"]
+    argv += ["--no-progress"]
+    assert main([*argv, "--val-rows", "7", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"train: wrote 23 rows in 1 shard(s) to {out}/train",
+        f"val: wrote 7 rows in 1 shard(s) to {out}/val",
+        f"test: wrote 12 rows in 1 shard(s) to {out}/test",
+    ]
+    train, val, test = (_read(out / s) for s in ("train", "val", "test"))
+    assert _items(train) == list(range(23))
+    assert _items(val) == list(range(23, 30))  # the train file's last 7
+    assert _items(test) == list(range(12))
+    names = datasets.FASHION_MNIST_CLASSES
+    assert val.column("label").to_pylist() == [names[y] for y in labels["train"][23:]]
+    assert val.column("key").to_pylist() == [f"val-{i:05d}" for i in range(7)]
+    assert (out / "val" / "classes.txt").read_text() == (out / "train" / "classes.txt").read_text()
+    # without --val-rows: the same train rows (train/ just goes on) and the same test/
+    assert main([*argv, "--out", str(plain)]) == 0
+    capsys.readouterr()
+    whole = _read(plain / "train")
+    assert whole.num_rows == 30 and whole.slice(0, 23).equals(train)
+    assert _read(plain / "test").equals(test)
+    assert not (plain / "val").exists()
+    # val draws its captions from its own seeded stream: [seed, 2] (train 0, test 1)
+    rng = np.random.default_rng([0, 2])
+    expected = [datasets.fashion_mnist_caption(int(y), rng) for y in labels["train"][23:]]
+    assert val.column("caption").to_pylist() == expected
+    # too many rows: one line, exit 2, nothing written
+    assert main([*argv, "--val-rows", "30", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == "error: val_rows 30: the train split has only 30 rows\n"
+    assert not (tmp_path / "x").exists()
+    assert main(["data", "convert", "--images", str(src), "--val-rows", "3", "--out", "x"]) == 2
+    assert capsys.readouterr().err == "error: --val-rows is for --fashion-mnist\n"
+    if os.path.isdir(datasets.FASHION_MNIST_DIR):  # the real train file: 60,000 rows
+        with pytest.raises(UserError) as e:
+            datasets.convert_fashion_mnist(str(tmp_path / "y"), val_rows=60000, progress=False)
+        assert str(e.value) == "val_rows 60000: the train split has only 60000 rows"
+
+
 def test_fashion_mnist_missing_data(tmp_path):
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         datasets.convert_fashion_mnist(str(tmp_path / "o"), source_dir=str(tmp_path / "none"))

@@ -144,3 +144,33 @@ def test_sweep_nests_trials_stops_the_worst_with_asha_and_records_the_best(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert {c.info.run_id for c in children_again} == {c.info.run_id for c in children}
+
+
+def test_the_shipped_dense_sweep_chooses_on_a_held_out_split():
+    """jobs/sweep-dense.yaml (issue #13), through the real loaders (no Ray): the faithful
+    MaskCLIP arm's model, ASHA on val_dense_probe_miou scored on val/ of data converted with
+    --val-rows, the two swept ranges, and nothing it validates on is a test/ split."""
+    from service.spec import load_spec
+    from service.sweep_spec import validate_sweep
+
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    spec = load_spec(jobs / "sweep-dense.yaml")
+    sweep = validate_sweep(spec)
+    assert (sweep.metric, sweep.resolved_mode, sweep.scheduler) == (
+        "val_dense_probe_miou",
+        "max",
+        "asha",
+    )
+    assert {p: (d.kind, list(getattr(d, d.kind))) for p, d in sweep.parameters.items()} == {
+        "model.mask_ratio": ("uniform", [0.4, 0.9]),
+        "model.image_weight": ("loguniform", [0.1, 3.0]),
+    }
+    d = spec.data
+    assert (d.dense_probe, d.dense_probe_split) == ("data/fmnist-val", "val")
+    assert (d.train, d.val) == ("data/fmnist-val/train", "data/fmnist-val/val")
+    assert spec.optim.val_every == 200 and spec.checkpoint.every_steps == 200
+    assert spec.model == load_spec(jobs / "repro" / "maskclip.yaml").model  # the faithful arm
+    assert spec.model.size == "maskclip_micro" and spec.model.mode == "faithful"
+    # the command in its header makes that data
+    text = (jobs / "sweep-dense.yaml").read_text()
+    assert "maskclip data convert --fashion-mnist --val-rows 5000 --out data/fmnist-val" in text
