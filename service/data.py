@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 
 from . import rows
-from . import storage as _storage
 from .storage import Source
 
 if TYPE_CHECKING:
@@ -377,16 +376,3 @@ def build_dataset(
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=task_cpus,
     )
-
-
-# ---------------------------------------------------------------- until evaluation.py moves
-# service/evaluation.py still imports these two from here; delete them once it uses
-# service.storage (resolve_source -> Source, s3_filesystem) and service.rows.
-
-s3_filesystem = _storage.s3_filesystem
-
-
-def resolve_source(uri: str, storage: Any = None, field: str = "data.train"):
-    """(paths, S3 filesystem or None): the old tuple form of service.storage.resolve_source."""
-    src = _storage.resolve_source(uri, storage, field)
-    return src.paths, (src.filesystem if _storage.is_s3(src.filesystem) else None)

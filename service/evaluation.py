@@ -156,8 +156,8 @@ def _resolve_local(ref: str, endpoint_url: str | None) -> Resolved:
 
 
 def _s3_fs(endpoint_url: str | None) -> pafs.FileSystem:
-    from .data import s3_filesystem
     from .spec import StorageSection
+    from .storage import s3_filesystem
 
     return s3_filesystem(StorageSection(endpoint_url=endpoint_url))
 
