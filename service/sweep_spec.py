@@ -242,6 +242,13 @@ def validate_sweep(spec: JobSpec) -> SweepSection:
         problems.append(f"sweep.metric: {metric} needs validation data; set data.val")
     elif metric.startswith("val_dense_probe_") and spec.data.dense_probe is None:
         problems.append(f"sweep.metric: {metric} needs dense data; set data.dense_probe")
+    elif metric.startswith("val_dense_probe_") and spec.data.dense_probe_split == "test":
+        # the probe's test/ is where the chosen setting is reported: choosing on it is tuning on it
+        problems.append(
+            f"sweep.metric: {metric} would rank trials on data.dense_probe's test/ split; hold "
+            "a split out (maskclip data convert --fashion-mnist --val-rows N writes val/) and "
+            "set data.dense_probe_split: val"
+        )
     elif metric.startswith("val_zero_shot_seg_") and spec.data.zero_shot_seg is None:
         problems.append(f"sweep.metric: {metric} needs dense data; set data.zero_shot_seg")
     if sweep.scheduler == "asha":

@@ -766,7 +766,8 @@ def test_in_loop_dense_probe_scores_the_split_the_spec_names(world, tmp_path):
 
 
 def test_sweep_can_rank_trials_by_dense_miou(world, dense_root):
-    """sweep.metric may be a dense validation metric; without its data the sweep is refused."""
+    """sweep.metric may be a dense validation metric; without its data, or scored on the probe's
+    test/ split, the sweep is refused."""
     from service.spec import SpecError
     from service.sweep_spec import validate_sweep
 
@@ -784,4 +785,16 @@ def test_sweep_can_rank_trials_by_dense_miou(world, dense_root):
         .endswith("sweep.metric: val_dense_probe_miou needs dense data; set data.dense_probe")
     )
     base["data"]["dense_probe"] = str(dense_root)
+    with pytest.raises(SpecError) as e:  # the default split is test/: never tune on it
+        validate_sweep(build_spec(base))
+    assert (
+        str(e.value)
+        .strip()
+        .endswith(
+            "sweep.metric: val_dense_probe_miou would rank trials on data.dense_probe's test/ "
+            "split; hold a split out (maskclip data convert --fashion-mnist --val-rows N writes "
+            "val/) and set data.dense_probe_split: val"
+        )
+    )
+    base["data"]["dense_probe_split"] = "val"
     assert validate_sweep(build_spec(base)).metric == "val_dense_probe_miou"
