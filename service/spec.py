@@ -670,6 +670,13 @@ def check_inputs(spec: JobSpec) -> None:
                 problems.append(f"data.{field}: no files match (got {uri!r})")
         elif not Path(uri).exists():
             problems.append(f"data.{field}: no such file or directory (got {uri!r})")
+        elif field == "dense_probe":  # the probe fits on train/, scores on dense_probe_split/
+            for split in ("train", spec.data.dense_probe_split):
+                path = f"{uri.rstrip('/')}/{split}"
+                if not Path(path).exists():  # worded as service.storage.resolve_source words it
+                    problems.append(
+                        f"data.dense_probe ({split}/): no such file or directory {path!r}"
+                    )
     if problems:
         raise SpecError(problems)
 

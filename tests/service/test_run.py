@@ -306,8 +306,8 @@ def test_bad_datasets_fail_fast_with_one_line(tmp_path, capsys):
 
 
 def test_dense_validation_folders_are_checked_before_ray_starts(synth_parquet, tmp_path, capsys):
-    """data.dense_probe_split: val on a dense root with only train/ and test/: `maskclip run`
-    (and `maskclip sweep`) stop with one line naming the folder, exit 2, before any run folder,
+    """data.dense_probe_split: val on a dense root with only train/ and test/: `maskclip
+    validate`, `run` and `sweep` stop with one line naming the folder, exit 2, before any run folder,
     checkpoint storage or Ray process, instead of failing in a worker at the first validation."""
     import ray
 
@@ -318,6 +318,9 @@ def test_dense_validation_folders_are_checked_before_ray_starts(synth_parquet, t
     job = write_job(tmp_path, data=data, tracking={"enabled": False})
     ray_was_up = ray.is_initialized()
     message = f"error: data.dense_probe (val/): no such file or directory '{dense}/val'"
+    assert main(["validate", job]) == 2  # validate already says so, without torch or Ray
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert errors == [message]
     assert main(["run", job]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert errors == [message]
