@@ -38,6 +38,22 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train(captions, vocab_size=300, context_length=32)
 
 
+def decoder_kwargs(tokenizer: Tokenizer, **changes) -> dict:
+    """DecodeBatch's keyword arguments for jpg/caption rows at 16 px, `changes` applied."""
+    return {
+        "image_column": "jpg",
+        "caption_column": "caption",
+        "label_column": None,
+        "tokenizer_json": tokenizer.to_json(),
+        "image_size": 16,
+        "train": False,
+        "max_pixels": 10_000,
+        "max_caption_chars": 50,
+        "stats_actor_name": None,
+        "keep_caption": False,
+    } | changes
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -207,16 +223,7 @@ def test_decode_batch_reasons_without_ray(tokenizer):
         "label": np.array([r.get("label") for r in records], dtype=object),
     }
     dec = D.DecodeBatch(
-        image_column="jpg",
-        caption_column="caption",
-        label_column="label",
-        tokenizer_json=tokenizer.to_json(),
-        image_size=24,
-        train=False,
-        max_pixels=10_000,
-        max_caption_chars=50,
-        stats_actor_name=None,
-        keep_caption=True,
+        **decoder_kwargs(tokenizer, label_column="label", image_size=24, keep_caption=True)
     )
     (out,) = list(dec(batch))
     n_bad = sum(expected.values())
@@ -246,18 +253,7 @@ def test_uint8_batches_normalise_to_the_float_rows_of_before(tokenizer, train):
 
     records = generate(12, image_size=40, seed=5)
     cols = {c: np.array([r[c] for r in records], dtype=object) for c in ("jpg", "caption")}
-    dec = D.DecodeBatch(
-        image_column="jpg",
-        caption_column="caption",
-        label_column=None,
-        tokenizer_json=tokenizer.to_json(),
-        image_size=24,
-        train=train,
-        max_pixels=10_000,
-        max_caption_chars=50,
-        stats_actor_name=None,
-        keep_caption=False,
-    )
+    dec = D.DecodeBatch(**decoder_kwargs(tokenizer, image_size=24, train=train))
     torch.manual_seed(11)
     (out,) = dec(cols)
     assert out["image"].dtype == np.uint8 and out["image"].shape == (12, 3, 24, 24)
@@ -334,18 +330,7 @@ def test_decode_batch_skips_failed_downloads_and_counts_them_apart(tokenizer):
             def remote(*args):
                 calls.append(args)
 
-    kwargs = dict(
-        image_column="jpg",
-        caption_column="caption",
-        label_column=None,
-        tokenizer_json=tokenizer.to_json(),
-        image_size=16,
-        train=True,
-        max_pixels=10_000,
-        max_caption_chars=50,
-        stats_actor_name="unused",
-        keep_caption=False,
-    )
+    kwargs = decoder_kwargs(tokenizer, train=True, stats_actor_name="unused")
     dec = D.DecodeBatch(status_column="status", **kwargs)
     dec._stats, dec._stats_at = Stats, time.monotonic()
     (out,) = list(dec(batch))
@@ -585,18 +570,9 @@ def test_decode_benchmark_bare_arm_is_the_pipelines_decode(tokenizer, source, de
     assert [Image.open(io.BytesIO(r["jpg"])).size for r in records] == [source] * 6
     assert all(len(r["jpg"]) > 3 * source[0] * source[1] // 100 for r in records)  # not flat
     assert R.decode_image(records[0]["jpg"], min_side=366)[0].size == decoded
-    kwargs = {
-        "image_column": "jpg",
-        "caption_column": "caption",
-        "label_column": None,
-        "tokenizer_json": tokenizer.to_json(),
-        "image_size": 224,
-        "train": True,
-        "max_pixels": 64_000_000,
-        "max_caption_chars": 1000,
-        "stats_actor_name": None,
-        "keep_caption": False,
-    }
+    kwargs = decoder_kwargs(
+        tokenizer, image_size=224, train=True, max_pixels=64_000_000, max_caption_chars=1000
+    )
     cols = {k: np.array([r[k] for r in records], dtype=object) for k in ("jpg", "caption")}
     for draft in (True, False):
         decoder = D.DecodeBatch(**kwargs, draft=draft)
@@ -651,18 +627,7 @@ def test_a_worker_whose_torch_import_was_cut_short_is_replaced_and_the_rows_deco
     ds = ray.data.from_items([{"jpg": r["jpg"], "caption": r["caption"]} for r in records])
     rows_out = ds.map_batches(
         decode_after_a_cut_short_import,
-        fn_kwargs=dict(
-            image_column="jpg",
-            caption_column="caption",
-            label_column=None,
-            tokenizer_json=tokenizer.to_json(),
-            image_size=16,
-            train=False,
-            max_pixels=10_000,
-            max_caption_chars=50,
-            stats_actor_name=None,
-            keep_caption=False,
-        ),
+        fn_kwargs=decoder_kwargs(tokenizer),
         batch_size=None,
         # workers of their own (none has imported torch yet), one task at a time
         runtime_env={"env_vars": {"MASKCLIP_TEST_WORKERS": uuid.uuid4().hex}},
