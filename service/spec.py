@@ -197,8 +197,9 @@ class DataSection(Section):
     as `maskclip eval --dense-probe` (which scores test/)."""
     dense_probe_split: str = Field("test", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     """The folder under data.dense_probe that the in-loop probe is scored on (it is fitted on
-    train/). A sweep that chooses by val_dense_probe_* should name a held-out split here (`val`,
-    from `maskclip data convert --fashion-mnist --val-rows N`) and leave test/ for the report."""
+    train/). A sweep that chooses by val_dense_probe_* must name a held-out split here (`val`,
+    from `maskclip data convert --fashion-mnist --val-rows N`; test/ is refused there) and leave
+    test/ for the report."""
     zero_shot_seg: str | None = None
     """Optional dense-labelled split folder (or a root whose test/ is used): validation adds
     zero-shot segmentation with the class prompts (val_zero_shot_seg_miou, ..._pixel_accuracy),
