@@ -40,7 +40,10 @@ thread) over the rows already in memory, on one CPU, with JPEG draft mode and wi
 `build_dataset(spec, "train")` iterated alone over `--repeat` (4) copies of the shards, rows/s
 from its first batch to the end of the pass (the execution's start-up, printed apart, is
 excluded: a training run pays it once per epoch), divided by the CPUs its decode tasks hold
-(service.data.decode_plan: `--cpus` tasks of one CPU). Both arms do the same work per row:
+(service.data.decode_plan: `--cpus` tasks of one CPU; default: all CPUs but one, which the
+driver, Ray's own processes and the consumer keep, as a training node keeps them for the
+trainer). The Ray arm reads the rows from the shards inside its decode tasks; the bare arm
+starts from rows already in memory. Both arms do the same work per row:
 decode, crop and tokenize, images left as uint8 (the training loop normalises them on its
 device). Prints the medians: `decode rows/s per cpu: X` (bare, draft), `decode rows/s per cpu
 without draft: X` and `ray/bare decode ratio: X` (the median of the rounds' ratios; goal >= 0.9).
@@ -452,7 +455,7 @@ def decode_main(args) -> None:
     size = (int(w), int(h))
     rounds = args.steps if args.steps is not None else 5
     rows = args.rows if args.rows is not None else 2000
-    args.cpus = args.cpus or max(1, os.cpu_count() or 1)
+    args.cpus = args.cpus or max(1, (os.cpu_count() or 2) - 1)
     root = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     t_start = time.perf_counter()
     try:
@@ -489,7 +492,7 @@ def decode_main(args) -> None:
         ]
         tasks, per_task = data.decode_plan(spec)
         ray_cpus = tasks * per_task
-        start_local_ray(num_cpus=math.ceil(ray_cpus) + 1)  # + 1: read tasks and slack
+        start_local_ray(num_cpus=math.ceil(ray_cpus) + 1)  # + 1: slack for Ray Data
         init_ray(spec)
         ds = data.build_dataset(
             resolve_source(spec.data.train, spec.storage), spec, "train", tokenizer_json, None
@@ -565,7 +568,12 @@ def main() -> None:
     ap.add_argument(
         "--repeat", type=int, default=4, help="with --image-size: Ray reads the rows N times"
     )
-    ap.add_argument("--cpus", type=int, default=None, help="with --image-size: decode CPUs")
+    ap.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="with --image-size: decode CPUs (default: all but one)",
+    )
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -7,6 +7,9 @@ tokenized batches.
     for batch in ds.iter_batches(batch_size=64, local_shuffle_buffer_size=...): ...
         images = normalise_images(torch.as_tensor(batch["image"]))  # uint8 -> float32
 
+One Ray Data operator: each task reads its share of the files (read_units: a file, or part of
+one when files are fewer than decode tasks) and decodes it; a task per kept CPU (decode_plan).
+
 Images leave the pipeline as uint8 [B, 3, H, W] crops, normalised by the consumer
 (maskclip.transforms.normalise_images, after the copy to the device): float32 rows are 4x the
 bytes (600 KB at 224 px) in Ray's object store, which at 224 px filled it and spilled GBs.
@@ -36,34 +39,24 @@ if TYPE_CHECKING:
 
     from service.spec import JobSpec
 
-READ_NUM_CPUS = 0
-"""CPUs a Parquet read task asks Ray for: none. Reading is mostly I/O (a few % of the decode
-CPU at 224 px), and a read task streams its whole file, holding what it asked for while its
-output waits for decoding. At 0.25 each, uncapped reads (one per file) held 1.75 of a 3-CPU
-local Ray, and even 2 capped reads left Ray Data's budget 0.8 CPU short of a second 1-CPU decode
-task (its reservation splits the CPUs between the two operators): one decode task ran where
-decode_plan planned two. The count is capped instead (READ_TASKS_PER_DECODE_TASK)."""
-READ_TASKS_PER_DECODE_TASK = 0.25
-"""Parquet read tasks at once per decode task (at least MIN_READ_TASKS)."""
-MIN_READ_TASKS = 2
-READ_ROWS_PER_BLOCK = 256
-"""Rows per Arrow block coming out of a read task (raw image bytes: a few MB)."""
 MAP_NUM_CPUS = 0.5
 """CPUs per decode/transform task while Ray Data has under one CPU per training worker (training
 workers take 0.5 each on a 2-core machine); with more, a task takes a whole CPU (it decodes on
 one thread)."""
 MIN_DECODE_TASKS = 2
-"""Decode tasks allowed at once, at least: what a 2-core laptop (1 worker, 0.5 + 0.5 CPU) ran."""
+"""Decode tasks allowed at once, at least, when they take MAP_NUM_CPUS each: what a 2-core laptop
+(1 worker, 0.5 + 0.5 CPU) ran."""
 TARGET_BATCH_BYTES = 8 << 20
 """Decoded uint8 images per map batch (and so per decode task) are kept near this size (64..256
 rows; 64 at 224 px, ~0.15 s of decoding)."""
-TARGET_BLOCK_BYTES = 4 << 20
+TARGET_BLOCK_BYTES = 16 << 20
 """Ray Data blocks of this pipeline are cut at this size (DataContext.target_max_block_size,
-128 MB by default). Ray Data starts a task only while the task's expected pending output (2 of
-its output blocks) fits the operator's share of the object-store budget (trainer.
-ingest_options: 154 MB for batch 32 at 224 px, split between read and decode): with a decode
-task's whole output in one block (250 rows, 38 MB of uint8 at 224 px) one decode task ran at a
-time, whatever decode_plan allowed (measured at 224 px: 0.85 of 2 tasks busy on average)."""
+128 MB by default): ~100 uint8 rows at 224 px. A decode task pauses once 2 of its output blocks
+wait unconsumed (Ray Data's streaming-generator buffer), and Ray Data starts a task only while
+that pending output fits the object-store budget (trainer.ingest_options: 154 MB for batch 32 at
+224 px), so a whole task's output in one block ran one task at a time. Smaller blocks cost per
+block: one decode task at 224 px gave 0.82 of the bare loop's rows/s with 4 MB blocks and 0.93
+with 16 MB (benchmarks/pipeline.py --image-size 224 --cpus 1, same machine, 2026-12-03)."""
 
 STATS_LOOKUP_S = 30.0
 """Decoders look the control actor up by name again after this many seconds."""
@@ -235,7 +228,7 @@ _MAX_DECODERS = 4
 
 
 def decode_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-    """map_batches fn: `DecodeBatch(**kwargs)(batch)`, the DecodeBatch cached per process.
+    """`DecodeBatch(**kwargs)(batch)`, the DecodeBatch cached per process (read_decode's step).
 
     Tasks, not an actor pool: Ray keeps task worker processes (torch already imported, decoder
     built) across executions, so a new epoch or a validation pass starts in well under a second;
@@ -251,53 +244,34 @@ def decode_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[dict[s
     yield from decoder(batch)
 
 
-def _read_files(
-    batch: pa.Table, *, source: Source, columns: list[str], rows_per_block: int
-) -> Iterator[pa.Table]:
-    """map_batches fn: a batch of paths -> the files' rows, `rows_per_block` rows at a time."""
-    for path in batch.column("path").to_pylist():
-        for rb in source.iter_file(path, columns, rows_per_block):
-            if rb.num_rows:
-                yield pa.Table.from_batches([rb])
+def read_units(source: Source, tasks: int) -> list[dict[str, Any]]:
+    """What one decode task reads: a whole file, or when there are fewer files than `tasks`, an
+    equal share of a file's rows (so one big file still keeps every decode task busy; a share
+    reads only its row groups, but a file written as one row group is read by each share)."""
+    if len(source.paths) >= tasks:
+        return [{"path": p, "start": 0, "stop": -1} for p in source.paths]
+    pieces = math.ceil(tasks / len(source.paths))
+    units = []
+    for path, n in zip(source.paths, source.file_rows()):
+        cuts = [n * i // pieces for i in range(pieces + 1)]
+        units += [{"path": path, "start": a, "stop": b} for a, b in zip(cuts, cuts[1:]) if b > a]
+    return units
 
 
-def read_tasks(decode_tasks: int) -> int:
-    """Read tasks allowed at once next to `decode_tasks` decode tasks."""
-    return max(MIN_READ_TASKS, math.ceil(decode_tasks * READ_TASKS_PER_DECODE_TASK))
+def read_decode(
+    units: pa.Table, *, source: Source, columns: list[str], rows_per_batch: int, **decoder: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """map_batches fn: read a batch of read_units and decode their rows in the same task.
 
-
-def read_parquet_stream(
-    source: Source,
-    columns: list[str],
-    shuffle_seed: int | None = None,
-    rows_per_block: int = READ_ROWS_PER_BLOCK,
-    max_tasks: int | None = None,
-) -> ray.data.Dataset:
-    """Stream the source's `columns` as small Arrow blocks (one read task per file, at most
-    `max_tasks` at once).
-
-    Not `ray.data.read_parquet`: its ListFiles step always asks for a whole CPU (a job whose
-    training workers hold all but a fraction of a CPU would never start reading). With
-    `shuffle_seed`, the file order is shuffled again on every execution (epoch); that is cheap
-    here because only the list of paths goes through `randomize_block_order` (in Ray it is an
-    all-to-all barrier, which on the rows themselves would hold the whole dataset).
-    """
-    import ray.data
-
-    paths = source.paths
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    if shuffle_seed is not None:
-        ds = ds.randomize_block_order(
-            seed=ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
-        )
-    return ds.map_batches(
-        _read_files,
-        fn_kwargs={"source": source, "columns": columns, "rows_per_block": rows_per_block},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=READ_NUM_CPUS,
-        compute=None if max_tasks is None else ray.data.TaskPoolStrategy(size=max_tasks),
-    )
+    One operator, not a read operator feeding a decode operator: the raw JPEG bytes never go
+    through the object store, and Ray Data schedules, backpressures and budgets one kind of
+    task. Measured at 224 px with one decode task: 0.66 of the bare loop's rows/s as two
+    operators, 0.85 fused (benchmarks/pipeline.py --image-size 224 --cpus 1, 2026-12-03)."""
+    for unit in units.to_pylist():
+        stop = None if unit["stop"] < 0 else unit["stop"]
+        for rb in source.iter_file(unit["path"], columns, rows_per_batch, unit["start"], stop):
+            cols = {n: rb.column(n).to_numpy(zero_copy_only=False) for n in rb.schema.names}
+            yield from decode_batch(cols, **decoder)
 
 
 def map_batch_size(image_size: int) -> int:
@@ -309,15 +283,17 @@ def map_batch_size(image_size: int) -> int:
 def decode_plan(spec: JobSpec) -> tuple[int, float]:
     """(decode tasks at once, CPUs per decode task): the CPUs the spec keeps for Ray Data
     (scaling.num_workers x data_cpus_per_worker, which `maskclip run` checks the cluster has
-    and `maskclip render` gives the pods) filled with single-threaded decode tasks, at least
-    MIN_DECODE_TASKS. A 2-core laptop (1 worker, 0.5 data CPUs) keeps 2 tasks of 0.5 CPU;
-    jobs/s3.yaml (4 workers x 6) runs 24 tasks of 1 CPU. Ray Data starts fewer when the
+    and `maskclip render` gives the pods) filled with single-threaded decode tasks: one per
+    whole CPU, or, under one CPU per worker, tasks of MAP_NUM_CPUS, at least MIN_DECODE_TASKS.
+    A 2-core laptop (1 worker, 0.5 data CPUs) keeps 2 tasks of 0.5 CPU; 1 worker with 1 data
+    CPU runs 1 task; jobs/s3.yaml (4 workers x 6) runs 24 tasks of 1 CPU. Ray Data starts fewer when the
     cluster has fewer free CPUs, and backpressure (trainer.ingest_options) holds them back when
     decoding runs ahead of training."""
     s = spec.scaling
     data_cpus = s.num_workers * s.data_cpus()
-    per_task = MAP_NUM_CPUS if s.data_cpus() < 1 else 1.0
-    return max(MIN_DECODE_TASKS, int(data_cpus / per_task + 1e-9)), per_task
+    if s.data_cpus() >= 1:
+        return int(data_cpus + 1e-9), 1.0
+    return max(MIN_DECODE_TASKS, int(data_cpus / MAP_NUM_CPUS + 1e-9)), MAP_NUM_CPUS
 
 
 def build_dataset(
@@ -347,17 +323,20 @@ def build_dataset(
     columns = [d.image_column, d.caption_column]
     columns += [c for c in (label_column, status_column) if c and c not in columns]
     tasks, task_cpus = decode_plan(spec)
-    ds = read_parquet_stream(
-        source,
-        columns,
-        shuffle_seed=spec.run.seed if split == "train" and d.shuffle else None,
-        max_tasks=read_tasks(tasks),
-    )
+    units = read_units(source, tasks)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    if split == "train" and d.shuffle:  # only the list of units is shuffled: no barrier on rows
+        ds = ds.randomize_block_order(
+            seed=ray.data.RandomSeedConfig(seed=spec.run.seed, reseed_after_execution=True)
+        )
     # the context object every operator of this Dataset shares (a copy of the current one)
     ds.context.target_max_block_size = TARGET_BLOCK_BYTES
     return ds.map_batches(
-        decode_batch,
+        read_decode,
         fn_kwargs={
+            "source": source,
+            "columns": columns,
+            "rows_per_batch": map_batch_size(spec.image_size),
             "image_column": d.image_column,
             "caption_column": d.caption_column,
             "label_column": label_column,
@@ -370,9 +349,8 @@ def build_dataset(
             "keep_caption": split == "val",
             "status_column": status_column,
         },
-        batch_size=map_batch_size(spec.image_size),
-        batch_format="numpy",
-        zero_copy_batch=True,
+        batch_size=1,
+        batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=task_cpus,
     )

@@ -293,7 +293,7 @@ class Source:
     schema: pa.Schema
     root: str = ""
     """Where the files were listed: the folder/prefix, a glob's fixed part or a file's folder."""
-    _rows: int | None = dataclasses.field(default=None, repr=False, compare=False)
+    _file_rows: list[int] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def columns(self) -> list[str]:
@@ -337,23 +337,56 @@ class Source:
 
     def num_rows(self) -> int:
         """Rows in all the files, from their footers only (no data is read); cached."""
-        if self._rows is None:
-            if len(self.paths) == 1:
-                self._rows = self.open(self.paths[0]).metadata.num_rows
-            else:
-                with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
-                    self._rows = sum(pool.map(lambda p: self.open(p).metadata.num_rows, self.paths))
-        return self._rows
+        return sum(self.file_rows())
 
-    def iter_file(self, path: str, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
-        """One file's `columns`, `batch_size` rows at a time; one-line DataError if unreadable."""
+    def iter_file(
+        self,
+        path: str,
+        columns: list[str],
+        batch_size: int,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """One file's `columns`, `batch_size` rows at a time (rows `start`..`stop` only, reading
+        just the row groups that hold them); one-line DataError if unreadable."""
         pf = self.open(path, columns)
+        meta = pf.metadata
+        stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+        groups, first = [], None  # the row groups overlapping [start, stop), and where they begin
+        at = 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if at < stop and at + n > start:
+                groups.append(i)
+                first = at if first is None else first
+            at += n
+        if not groups:
+            return
+        at = first
         try:
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            for rb in pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=groups):
+                lo, hi = max(start - at, 0), min(stop - at, rb.num_rows)
+                at += rb.num_rows
+                if hi > lo:
+                    yield rb if (lo, hi) == (0, rb.num_rows) else rb.slice(lo, hi - lo)
+                if at >= stop:
+                    return
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(
                 f"{self.field}: cannot read {self.display(path)}: {first_line(e)}"
             ) from None
+
+    def file_rows(self) -> list[int]:
+        """Rows per file, from the footers only; cached (num_rows sums them)."""
+        if self._file_rows is None:
+            if len(self.paths) == 1:
+                self._file_rows = [self.open(self.paths[0]).metadata.num_rows]
+            else:
+                with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
+                    self._file_rows = list(
+                        pool.map(lambda p: self.open(p).metadata.num_rows, self.paths)
+                    )
+        return self._file_rows
 
     def iter_batches(self, columns: list[str], batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
         """All files' `columns` in order, `batch_size` rows at a time."""

@@ -353,18 +353,38 @@ def test_decode_batch_skips_failed_downloads_and_counts_them_apart(tokenizer):
         ({"use_gpu": True, "num_workers": 4}, (24, 1.0)),  # 6 per GPU by default
         ({"use_gpu": True, "num_workers": 4, "data_cpus_per_worker": 6}, (24, 1.0)),  # s3.yaml
         ({"num_workers": 2, "data_cpus_per_worker": 2.5}, (5, 1.0)),
+        ({"data_cpus_per_worker": 1}, (1, 1.0)),  # benchmarks/pipeline.py --cpus 1
     ],
 )
 def test_decode_tasks_scale_with_the_cpus_kept_for_data(make_spec, scaling, plan):
     assert D.decode_plan(make_spec(scaling=scaling)) == plan
 
 
-def test_blocks_and_read_tasks_stay_small_next_to_decode():
-    """A 224 px decode task handles 64 rows (9.6 MB of uint8 crops), its output cut into 4 MB
-    blocks; reads are capped (2, one more per 4 decode tasks) so they never hold the CPUs the
-    decode tasks were planned on."""
+def test_a_decode_batch_is_8_mb_and_blocks_16_mb():
     assert D.map_batch_size(224) == 64 and D.map_batch_size(32) == 256
-    assert [D.read_tasks(n) for n in (1, 2, 8, 9, 24)] == [2, 2, 2, 3, 6]
+    assert D.TARGET_BLOCK_BYTES == 16 << 20
+
+
+def test_fewer_files_than_decode_tasks_are_shared_out_by_rows(tmp_path):
+    """One 10-row file and 4 decode tasks: 4 shares that read every row exactly once, in order;
+    with as many files as tasks, one unit per file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    one = tmp_path / "one"
+    one.mkdir()
+    pq.write_table(pa.table({"i": list(range(10))}), one / "a.parquet", row_group_size=3)
+    src = resolve_source(str(one))
+    units = D.read_units(src, 4)
+    assert [(u["start"], u["stop"]) for u in units] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    read = [
+        v
+        for u in units
+        for rb in src.iter_file(u["path"], ["i"], 2, u["start"], u["stop"])
+        for v in rb.column(0).to_pylist()
+    ]
+    assert read == list(range(10))
+    assert D.read_units(src, 1) == [{"path": src.paths[0], "start": 0, "stop": -1}]
 
 
 # ---------------------------------------------------------------- Ray Data
@@ -381,8 +401,8 @@ def test_build_dataset_local_shapes_and_streaming(ray_local, make_spec, tokenize
     assert DataContext.get_current().target_max_block_size != D.TARGET_BLOCK_BYTES  # a copy
     ops = _op_names(ds)
     assert not any("Shuffle" in o or "Sort" in o or "Repartition" in o for o in ops), ops
-    # The only all-to-all op shuffles the list of file paths, before any file is read.
-    assert ops.index("RandomizeBlockOrder") > ops.index("MapBatches(_read_files)"), ops
+    # The only all-to-all op shuffles the list of files, before any file is read.
+    assert ops.index("RandomizeBlockOrder") > ops.index("MapBatches(read_decode)"), ops
     n, size = 0, spec.image_size
     for b in ds.iter_batches(batch_size=8, batch_format="numpy"):
         assert b["image"].shape[1:] == (3, size, size) and b["image"].dtype == np.uint8
@@ -466,6 +486,34 @@ def test_idle_scheduling_loop_is_paced_and_busy_steps_are_not():
     t = time.perf_counter()
     pace.on_execution_step(None)
     assert time.perf_counter() - t < MIN_STEP_S / 2 and pace.paused == 10
+
+
+def test_steps_with_tasks_running_are_never_paced():
+    """Ray Data's loop waits on running tasks itself; padding those steps only delays their
+    output. Steps of an execution whose operators have tasks in flight are not paced; the same
+    steps with every operator idle are."""
+    from types import SimpleNamespace
+
+    from service.data_pacing import MIN_STEP_S, PaceIdleLoop
+
+    class Op:  # the one method of a PhysicalOperator the pacing reads
+        def __init__(self, active: int):
+            self.active = active
+
+        def num_active_tasks(self) -> int:
+            return self.active
+
+    def executor(active: int):
+        return SimpleNamespace(_topology={Op(0): None, Op(active): None})
+
+    pace = PaceIdleLoop()
+    t = time.perf_counter()
+    for _ in range(11):
+        pace.on_execution_step(executor(1))
+    assert pace.paused == 0 and time.perf_counter() - t < 10 * MIN_STEP_S / 2
+    for _ in range(11):
+        pace.on_execution_step(executor(0))
+    assert pace.paused == 11  # each idle step came right after another step
 
 
 def test_datasets_carry_the_pacing_callback(ray_local, make_spec, tokenizer):
