@@ -249,7 +249,7 @@ def read_units(source: Source, tasks: int) -> list[dict[str, Any]]:
     equal share of a file's rows (so one big file still keeps every decode task busy; a share
     reads only its row groups, but a file written as one row group is read by each share)."""
     if len(source.paths) >= tasks:
-        return [{"path": p, "start": 0, "stop": -1} for p in source.paths]
+        return [{"path": p, "start": 0, "stop": None} for p in source.paths]
     pieces = math.ceil(tasks / len(source.paths))
     units = []
     for path, n in zip(source.paths, source.file_rows()):
@@ -266,10 +266,12 @@ def read_decode(
     One operator, not a read operator feeding a decode operator: the raw JPEG bytes never go
     through the object store, and Ray Data schedules, backpressures and budgets one kind of
     task. Measured at 224 px with one decode task: 0.66 of the bare loop's rows/s as two
-    operators, 0.85 fused (benchmarks/pipeline.py --image-size 224 --cpus 1, 2026-12-03)."""
+    operators, 0.85 fused (benchmarks/pipeline.py --image-size 224 --cpus 1, 2026-12-03). Not
+    `ray.data.read_parquet`: its ListFiles step always asks for a whole CPU (a job whose training
+    workers hold all but a fraction of a CPU would never start reading)."""
     for unit in units.to_pylist():
-        stop = None if unit["stop"] < 0 else unit["stop"]
-        for rb in source.iter_file(unit["path"], columns, rows_per_batch, unit["start"], stop):
+        path, start, stop = unit["path"], unit["start"], unit["stop"]
+        for rb in source.iter_file(path, columns, rows_per_batch, start, stop):
             cols = {n: rb.column(n).to_numpy(zero_copy_only=False) for n in rb.schema.names}
             yield from decode_batch(cols, **decoder)
 
@@ -286,9 +288,9 @@ def decode_plan(spec: JobSpec) -> tuple[int, float]:
     and `maskclip render` gives the pods) filled with single-threaded decode tasks: one per
     whole CPU, or, under one CPU per worker, tasks of MAP_NUM_CPUS, at least MIN_DECODE_TASKS.
     A 2-core laptop (1 worker, 0.5 data CPUs) keeps 2 tasks of 0.5 CPU; 1 worker with 1 data
-    CPU runs 1 task; jobs/s3.yaml (4 workers x 6) runs 24 tasks of 1 CPU. Ray Data starts fewer when the
-    cluster has fewer free CPUs, and backpressure (trainer.ingest_options) holds them back when
-    decoding runs ahead of training."""
+    CPU runs 1 task; jobs/s3.yaml (4 workers x 6) runs 24 tasks of 1 CPU. Ray Data starts fewer
+    when the cluster has fewer free CPUs, and backpressure (trainer.ingest_options) holds them
+    back when decoding runs ahead of training."""
     s = spec.scaling
     data_cpus = s.num_workers * s.data_cpus()
     if s.data_cpus() >= 1:

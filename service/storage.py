@@ -379,13 +379,10 @@ class Source:
     def file_rows(self) -> list[int]:
         """Rows per file, from the footers only; cached (num_rows sums them)."""
         if self._file_rows is None:
-            if len(self.paths) == 1:
-                self._file_rows = [self.open(self.paths[0]).metadata.num_rows]
-            else:
-                with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
-                    self._file_rows = list(
-                        pool.map(lambda p: self.open(p).metadata.num_rows, self.paths)
-                    )
+            with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
+                self._file_rows = list(
+                    pool.map(lambda p: self.open(p).metadata.num_rows, self.paths)
+                )
         return self._file_rows
 
     def iter_batches(self, columns: list[str], batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
