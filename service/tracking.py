@@ -595,7 +595,10 @@ class Tracker:
     def log_model(self, checkpoint_dir: str, step: int, metrics: dict | None = None) -> str | None:
         """`log_checkpoint_model` into this run; skipped (None) while the server is failing, so
         a down server costs a checkpoint no upload timeouts. A model begun for this step
-        (`begin_model`) gets its files; its metrics are the step's points, already linked."""
+        (`begin_model`) gets its files; its metrics are the step's points, already linked.
+        A step a restarted worker replays (at or before `logged_up_to`) already has its points
+        in the run: its model is logged without them, so the run's history never holds a step
+        twice."""
         if not self.enabled or self._warned:
             return None
         model_id = self._models.pop(step, None)
@@ -603,6 +606,8 @@ class Tracker:
             return log_checkpoint_model(
                 self.uri, self.run_id, checkpoint_dir, step, model_id=model_id
             )
+        if step <= self.logged_up_to:
+            metrics = None
         return log_checkpoint_model(self.uri, self.run_id, checkpoint_dir, step, metrics)
 
     def finish(self) -> None:

@@ -128,3 +128,35 @@ def test_dataset_digest_follows_the_files_and_runs_carry_source_tags(tmp_path):
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [grown.digest]
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+
+
+def test_a_replayed_checkpoint_step_is_not_logged_twice(tmp_path, monkeypatch):
+    """A worker killed after logging step 15 but before its checkpoint registered restarts at
+    step 10 and replays 15: the replayed checkpoint's model must not add a second point."""
+    from tests.service.test_mlflow_models import _model_folder
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    run_id = start_run(uri, "replay", "job", {}, {})
+    first = Tracker(uri, run_id)
+    for step in (5, 10, 15):
+        first.begin_model(step)
+        first.log_metrics({"loss": 4.0 - step / 10}, step)
+    assert first.flush()
+    first.log_model(str(_model_folder(tmp_path, 10, 0)[0]), 10)  # 15's was never written
+
+    second = Tracker(uri, run_id, resumed=True)  # the restarted worker, from step 10
+    assert second.logged_up_to == 15
+    assert second.begin_model(15) is None
+    second.log_metrics({"loss": 2.0}, 15)
+    model_id = second.log_model(str(_model_folder(tmp_path, 15, 1)[0]), 15, {"loss": 2.0})
+    assert model_id is not None  # the replayed checkpoint is still a model of the run
+    second.begin_model(20)
+    second.log_metrics({"loss": 1.0}, 20)
+    assert second.flush()
+
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [5, 10, 15, 20]
+    assert [m.value for m in history if m.step == 15] == [2.5]  # the first life's point
+    assert client.get_logged_model(model_id).metrics in (None, [])
