@@ -6,6 +6,7 @@ create or reopen the MLflow run, build the Ray Data pipeline, fit, print the sum
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,6 +33,16 @@ log = terminal.get_logger(__name__)
 # worker prints reach the terminal once (Ray Train's print patch would log them a second time)
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_TIMEOUT_S = 15.0
+"""How long an elastic run's new worker group waits for its placement before Ray Train decides
+its size again (Ray's default: 60 s). Right after a node is lost, Ray Train's view of the
+cluster can still count the lost node's CPUs: the restart asks for every worker, the placement
+never comes, and Ray Train only shrinks the group when this wait ends (a retried controller
+error, not charged to checkpoint.max_failures). In the node-loss test this wait was 60 of the
+77 s lost. Fixed-size runs keep Ray's default: they have no smaller size to fall back on, and
+waiting for an autoscaled node should not log a timeout every 15 s. A value the user exports
+wins."""
 
 
 def init_ray(spec: JobSpec, log_dir: Path | None = None) -> None:
@@ -365,7 +376,8 @@ def _run_job(spec: JobSpec, where, train, val, tune_callbacks, parent_run_id, fr
     signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
     old = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
-        result = _fit_keeping_signals(trainer) if in_main else trainer.fit()
+        with _start_timeout(spec):
+            result = _fit_keeping_signals(trainer) if in_main else trainer.fit()
     except ray.train.TrainingFailedError as e:
         if uri and run_id:
             Tracker(uri, run_id).end("FAILED")
@@ -465,6 +477,21 @@ def _all_errors(e: Exception) -> str:
     if controller is not None:
         parts.append(f"controller: {controller}")
     return "\n".join(parts) or str(e)
+
+
+@contextlib.contextmanager
+def _start_timeout(spec: JobSpec):
+    """ELASTIC_START_TIMEOUT_S for an elastic run's fit (Ray Train hands the driver's value to
+    its controller when fit starts); the variable is put back afterwards, so a later run in
+    this process (a test, a sweep's next trial) gets its own."""
+    if spec.scaling.min_workers is None or START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = str(ELASTIC_START_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
 
 
 def _fit_keeping_signals(trainer):

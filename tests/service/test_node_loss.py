@@ -108,3 +108,9 @@ def test_losing_a_node_mid_run_shrinks_to_the_workers_left_and_finishes(tmp_path
     lost_s = after[0][0] - result["at"]
     print(f"node loss: first new step {after[0][1]} logged {lost_s:.1f} s after the node went away")
     assert lost_s < 300
+    # a restart sized on Ray's stale view (the lost node still counted) gives up on its
+    # placement after service.trainer.ELASTIC_START_TIMEOUT_S, not Ray's 60 s
+    ray_log = (tmp_path / "runs" / "elastic" / "ray.log").read_text()
+    assert "timed out after 60.0 seconds" not in ray_log
+    waits = ray_log.count("control loop iteration: The worker group startup timed out after 15.0")
+    print(f"node loss: {waits} placement wait(s) of 15 s on a stale view of the cluster")

@@ -174,3 +174,8 @@ def test_a_preempted_node_checkpoints_before_it_goes_and_the_run_continues_from_
         f"({step_s:.2f} s/step): time lost ~{resumed_s + redone * step_s:.1f} s"
     )
     assert resumed_s < 300
+    # a restart sized on a stale view gives up after ELASTIC_START_TIMEOUT_S, not Ray's 60 s
+    assert (
+        "timed out after 60.0 seconds"
+        not in (tmp_path / "runs" / "preempted" / "ray.log").read_text()
+    )

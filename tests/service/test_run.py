@@ -341,3 +341,25 @@ def test_dense_validation_folders_are_checked_before_ray_starts(synth_parquet, t
         "data.dense_probe (train/)": f"{dense}/train",
         "data.dense_probe (val/)": f"{dense}/val",
     }
+
+
+def test_an_elastic_fit_waits_15_s_for_a_placement_and_a_fixed_one_keeps_rays_60(monkeypatch):
+    """Ray Train reads RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S from the driver when fit starts:
+    set for an elastic run's fit only, put back after it, and a value the user exported wins."""
+    import os
+
+    from service.spec import build_spec
+    from service.trainer import START_TIMEOUT_ENV, _start_timeout
+
+    elastic = build_spec({"data": {"train": "d"}, "scaling": {"num_workers": 2, "min_workers": 1}})
+    fixed = build_spec({"data": {"train": "d"}, "scaling": {"num_workers": 2}})
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    with _start_timeout(elastic):
+        assert os.environ[START_TIMEOUT_ENV] == "15.0"
+    assert START_TIMEOUT_ENV not in os.environ
+    with _start_timeout(fixed):
+        assert START_TIMEOUT_ENV not in os.environ
+    monkeypatch.setenv(START_TIMEOUT_ENV, "90")
+    with _start_timeout(elastic):
+        assert os.environ[START_TIMEOUT_ENV] == "90"
+    assert os.environ[START_TIMEOUT_ENV] == "90"
