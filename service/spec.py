@@ -317,8 +317,10 @@ class ScalingSection(Section):
     """CPUs kept for Ray Data (read, decode, augment) per training worker, on top of
     cpus_per_worker. `maskclip render` sizes each worker pod as cpus_per_worker + this;
     `maskclip run` refuses a plan whose workers leave the cluster fewer CPUs; decode tasks
-    scale with it. Default: 6 per GPU with use_gpu (measured here: ~100 rows/s per core at
-    224 px, PIL decode + random-resized-crop of a 500x375 JPEG), else 0.5 (a 2-core laptop)."""
+    scale with it. Default: 6 per GPU with use_gpu, else 0.5 (a 2-core laptop). Measured here
+    (benchmarks/pipeline.py --image-size 224, README): ~760 rows/s per core for a 500x375 JPEG
+    (decode + random-resized-crop to 224 px), and 4.4-5.1 ms to decode a 1024x768 one, so 6
+    cores feed ~1,000 samples/s per GPU of large crawl images, or ~4,000 of 500x375 ones."""
     ray_address: str | None = None
     """None: start an embedded local Ray; 'auto' or ray://... joins an existing cluster."""
 
