@@ -99,9 +99,7 @@ def start_local_ray(**options) -> None:
     terminal.phase(f"starting a local Ray (dashboard http://127.0.0.1:{port})")
     # for the Ray processes started now, which keep it; not for this process, whose later Jobs
     # API clients (e.g. in a test session) would be sent to this dashboard whatever their address
-    previous = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    try:
+    with _scoped_env(API_SERVER_ENV, f"http://127.0.0.1:{port}"):
         ray.init(
             address="local",
             include_dashboard=True,
@@ -110,11 +108,22 @@ def start_local_ray(**options) -> None:
             log_to_driver=True,
             **{"object_store_memory": 512 * 1024**2, **options},
         )
+
+
+@contextlib.contextmanager
+def _scoped_env(name: str, value: str | None):
+    """`name`=`value` in this process's environment for the block (None: left as it is), then
+    put back as it was: for variables Ray reads when it starts processes, not later."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
     finally:
         if previous is None:
-            os.environ.pop(API_SERVER_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[API_SERVER_ENV] = previous
+            os.environ[name] = previous
 
 
 def check_fits(spec: JobSpec, nodes: list[dict] | None = None) -> None:
@@ -479,19 +488,12 @@ def _all_errors(e: Exception) -> str:
     return "\n".join(parts) or str(e)
 
 
-@contextlib.contextmanager
 def _start_timeout(spec: JobSpec):
     """ELASTIC_START_TIMEOUT_S for an elastic run's fit (Ray Train hands the driver's value to
-    its controller when fit starts); the variable is put back afterwards, so a later run in
-    this process (a test, a sweep's next trial) gets its own."""
-    if spec.scaling.min_workers is None or START_TIMEOUT_ENV in os.environ:
-        yield
-        return
-    os.environ[START_TIMEOUT_ENV] = str(ELASTIC_START_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        os.environ.pop(START_TIMEOUT_ENV, None)
+    its controller when fit starts), unless the user exported one; put back afterwards, so a
+    later run in this process (a test, a sweep's next trial) gets its own."""
+    elastic = spec.scaling.min_workers is not None and START_TIMEOUT_ENV not in os.environ
+    return _scoped_env(START_TIMEOUT_ENV, str(ELASTIC_START_TIMEOUT_S) if elastic else None)
 
 
 def _fit_keeping_signals(trainer):
